@@ -1,0 +1,181 @@
+"""The HTTP application: the tutorial's ``POST /``, health, metrics, and the OpenAI routes."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from . import openai_api
+from .chat import ChatTemplate
+from .engine import Engine
+from .generation import GenerationService
+from .http_errors import ApiError, error_response, now_text
+from .metrics import Metrics
+from .middleware import GuardMiddleware
+from .sampling import SamplingParams
+from .schemas import HealthResponse, TutorialError, TutorialRequest, TutorialResponse
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+tutorial_log = logging.getLogger("openelm_server.tutorial")
+
+TUTORIAL_MAX_LENGTH = 384
+# transformers' generate samples from the 50 best tokens unless told otherwise; the
+# tutorial's users get the same when they turn do_sample on.
+TUTORIAL_TOP_K = 50
+SHORT_LOG_CHARS = 60
+
+
+def create_app(settings: Settings, engine: Engine, tokenizer) -> FastAPI:
+    metrics = Metrics(engine.stats)
+    service = GenerationService(engine, tokenizer, settings, metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        try:
+            yield
+        finally:
+            engine.shutdown()
+
+    app = FastAPI(title="OpenELM server", version="1.0",
+                  description="OpenELM-3B-Instruct: the tutorial's POST / and an OpenAI-compatible API.",
+                  lifespan=lifespan)
+    app.state.service = service
+    app.state.settings = settings
+    app.state.chat_template = ChatTemplate.choose(settings.chat_template, tokenizer)
+    _install_error_handlers(app)
+
+    @app.get("/health", response_model=HealthResponse)
+    async def health() -> HealthResponse:
+        return HealthResponse(model=settings.model_name)
+
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.post("/", response_model=TutorialResponse, responses={
+        400: {"model": TutorialError}, 413: {"model": TutorialError}, 503: {"model": TutorialError}})
+    async def tutorial_generate(body: TutorialRequest, request: Request):
+        prompt_ids = service.encode(body.prompt)
+        params = _tutorial_params(body, prompt_ids, service)
+        prompt_text = service.decode(prompt_ids)
+        if body.stream:
+            events = await service.events(prompt_ids, params)
+            return StreamingResponse(_tutorial_stream(prompt_text, events, body.prompt, settings),
+                                     media_type="text/plain; charset=utf-8")
+        result = await service.collect(request, prompt_ids, params)
+        response = prompt_text + result.text
+        time_text = now_text()
+        _log_tutorial(time_text, body.prompt, response, settings)
+        return TutorialResponse(response=response, status=200, time=time_text)
+
+    app.include_router(openai_api.router)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["X-Request-ID"])
+    app.add_middleware(GuardMiddleware, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes,
+                       metrics=metrics)
+    return app
+
+
+def _tutorial_params(body: TutorialRequest, prompt_ids: list[int], service: GenerationService) -> SamplingParams:
+    """transformers' generate semantics: max_new_tokens wins over max_length (prompt included)."""
+    if body.max_new_tokens is not None:
+        max_new = service.max_new_tokens(len(prompt_ids), body.max_new_tokens, "max_new_tokens")
+    else:
+        max_length = body.max_length or TUTORIAL_MAX_LENGTH
+        if max_length > service.max_model_len:
+            raise ApiError(400, f"max_length is {max_length}; the context is {service.max_model_len} tokens",
+                           param="max_length")
+        if max_length <= len(prompt_ids):
+            raise ApiError(400, f"the prompt is {len(prompt_ids)} tokens, which leaves no room under max_length "
+                                f"{max_length} (prompt included); raise max_length or set max_new_tokens",
+                           param="max_length")
+        max_new = service.max_new_tokens(len(prompt_ids), max_length - len(prompt_ids), "max_length")
+    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    sampled = body.do_sample and body.temperature != 0
+    return SamplingParams(
+        max_new_tokens=max_new,
+        temperature=(1.0 if body.temperature is None else body.temperature) if sampled else 0.0,
+        top_p=body.top_p or 1.0,
+        top_k=(TUTORIAL_TOP_K if body.top_k is None else body.top_k) if sampled else 0,
+        repetition_penalty=body.repetition_penalty or 1.0,
+        seed=body.seed,
+        stop=stop,
+    )
+
+
+async def _tutorial_stream(prompt_text: str, events: AsyncIterator, prompt: str, settings: Settings) -> AsyncIterator[str]:
+    """Plain text: the prompt first, then the continuation as it is made, so that the pieces
+    joined equal the non-streamed ``response``."""
+    pieces = [prompt_text]
+    try:
+        yield prompt_text
+        async for event in events:
+            if event.text:
+                pieces.append(event.text)
+                yield event.text
+    except ApiError as error:
+        log.warning("stream ended early: %s", error.message)
+    finally:
+        await events.aclose()
+        _log_tutorial(now_text(), prompt, "".join(pieces), settings)
+
+
+def _shorten(text: str, settings: Settings) -> str:
+    if settings.log_prompts or len(text) <= SHORT_LOG_CHARS:
+        return text
+    return f"{text[:SHORT_LOG_CHARS]}…({len(text)} chars)"
+
+
+def _log_tutorial(time_text: str, prompt: str, response: str, settings: Settings) -> None:
+    # The original tutorial's line, kept as it was (odd quotes included): people grep for it.
+    tutorial_log.info('[%s] ", prompt:"%s", response:"%s"', time_text, _shorten(prompt, settings),
+                      repr(_shorten(response, settings)))
+
+
+def _validation_message(error: RequestValidationError) -> tuple[str, str | None]:
+    problems = []
+    param = None
+    for item in error.errors():
+        location = [str(part) for part in item.get("loc", ()) if part != "body"]
+        if item.get("type") == "missing" and not location:
+            problems.append("the request body is empty; send a JSON object such as {\"prompt\": \"...\"}")
+            continue
+        if item.get("type") == "json_invalid":
+            problems.append(f"the body is not valid JSON ({item.get('ctx', {}).get('error', 'parse error')})")
+            continue
+        if item.get("type") in ("model_attributes_type", "dict_type") and not location:
+            problems.append("the body must be a JSON object")
+            continue
+        name = ".".join(location) or "body"
+        param = param or name
+        problems.append(f"{name}: {item.get('msg', 'invalid')}")
+    return "; ".join(problems) or "invalid request", param
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError):
+        return error_response(request.url.path, error)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError):
+        message, param = _validation_message(error)
+        return error_response(request.url.path, ApiError(400, message, param=param))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException):
+        message = error.detail if isinstance(error.detail, str) else "bad request"
+        if error.status_code == 400 and message == "There was an error parsing the body":
+            message = "the body could not be parsed as JSON (invalid UTF-8, or nested too deeply)"
+        return error_response(request.url.path, ApiError(error.status_code, message,
+                                                         headers=dict(error.headers or {})))

@@ -1,0 +1,284 @@
+"""The engine: owns the model, runs the step loop in its own thread, streams tokens out.
+
+Continuous batching: at every step waiting requests are admitted into free cache slots and
+prefilled, then every running sequence decodes one token together. A finished or cancelled
+sequence leaves at once and its slot serves the next request. The engine knows nothing of
+HTTP: callers get an async iterator of :class:`GenerationEvent`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+import torch
+
+from .detokenize import IncrementalDetokenizer, StopStringMatcher
+from .openelm import ForwardBatch, OpenELM
+from .sampling import SamplingParams, SamplingRow, new_generator, sample
+from .scheduler import QueueFullError, Scheduler, Sequence
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Engine", "EngineConfig", "EngineError", "GenerationEvent", "QueueFullError", "RequestStream"]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch_size: int = 32
+    max_model_len: int = 2048
+    max_queue: int = 256
+    max_prefill_tokens: int = 4096
+
+
+class EngineError(Exception):
+    """A generation failed inside the engine; ``retryable`` failures (out of memory) may
+    succeed if sent again."""
+
+    def __init__(self, message: str, retryable: bool = False):
+        super().__init__(message)
+        self.retryable = retryable
+
+
+@dataclass(frozen=True)
+class GenerationEvent:
+    """What one step did for one request: new text, new tokens, and whether it is over."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None = None
+    error: EngineError | None = None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    waiting: int
+    running: int
+    kv_slots_used: int
+    kv_slots_total: int
+
+
+class _AsyncSink:
+    """Hands events from the engine thread to one request's event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.queue: asyncio.Queue[GenerationEvent] = asyncio.Queue()
+
+    def __call__(self, event: GenerationEvent) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:
+            pass  # the caller's loop has closed; nobody is left to read
+
+
+class RequestStream:
+    """Events of one request until it finishes. ``cancel()`` (or closing the stream early)
+    stops the generation and frees its cache slot at the next step."""
+
+    def __init__(self, engine: "Engine", request_id: str, sink: _AsyncSink):
+        self.engine = engine
+        self.request_id = request_id
+        self._sink = sink
+        self.finished = False
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> GenerationEvent:
+        if self.finished:
+            raise StopAsyncIteration
+        event = await self._sink.queue.get()
+        self.finished = event.finish_reason is not None or event.error is not None
+        return event
+
+    def cancel(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.engine.abort(self.request_id)
+
+
+class Engine:
+    def __init__(self, model: OpenELM, tokenizer, config: EngineConfig):
+        if config.max_model_len > model.config.max_context_length:
+            raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context "
+                             f"of {model.config.max_context_length}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.eos_token_id = model.config.eos_token_id
+        self.device = model.transformer.token_embeddings.weight.device
+        self.kv_cache = model.new_kv_cache(config.max_batch_size, config.max_model_len)
+        self.scheduler = Scheduler(self.kv_cache, config.max_queue, config.max_prefill_tokens)
+        self._lock = threading.Lock()
+        self._wakeup = threading.Event()
+        self._aborted: set[str] = set()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        log.info("KV cache: %d slots x %d tokens, %.1f MiB on %s", config.max_batch_size, config.max_model_len,
+                 self.kv_cache.nbytes / 2**20, self.device)
+
+    # ---- called from any thread -------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self._wakeup.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            return EngineStats(len(self.scheduler.waiting), len(self.scheduler.running),
+                               self.kv_cache.used_slot_count, self.kv_cache.num_slots)
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, deliver, request_id: str | None = None) -> str:
+        """Queue a request; ``deliver`` gets its events on the engine thread. Raises
+        :class:`QueueFullError` when the waiting queue is full and ``ValueError`` when the
+        request cannot fit the context."""
+        if not prompt_ids:
+            raise ValueError("the prompt has no tokens")
+        if len(prompt_ids) + params.max_new_tokens > self.config.max_model_len:
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) "
+                             f"exceeds the context of {self.config.max_model_len} tokens")
+        request_id = request_id or uuid.uuid4().hex
+        sequence = Sequence(
+            request_id=request_id, prompt_ids=list(prompt_ids), params=params, deliver=deliver,
+            detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids),
+            stop_matcher=StopStringMatcher(params.stop),
+            generator=None if params.greedy else new_generator(params.seed, self.device),
+        )
+        with self._lock:
+            self.scheduler.add(sequence)
+            self._aborted.discard(request_id)
+        self._wakeup.set()
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request; its slot is free at the next step."""
+        with self._lock:
+            self._aborted.add(request_id)
+        self._wakeup.set()
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams,
+                 request_id: str | None = None) -> "RequestStream":
+        """Queue a request now (so that a full queue or an oversized request raises here,
+        before any answer is sent) and return the async iterator of its events."""
+        sink = _AsyncSink(asyncio.get_running_loop())
+        request_id = self.submit(prompt_ids, params, sink, request_id)
+        return RequestStream(self, request_id, sink)
+
+    # ---- the engine thread ------------------------------------------------------------
+
+    def _run(self) -> None:
+        busy = False
+        while not self._stopping:
+            with self._lock:
+                self._apply_aborts()
+                admitted = self.scheduler.admit()
+                has_work = self.scheduler.has_work
+            if not has_work:
+                if busy:
+                    self._release_cached_memory()
+                    busy = False
+                self._wakeup.wait(timeout=0.5)
+                self._wakeup.clear()
+                continue
+            busy = True
+            if admitted:
+                self._guarded_step(admitted, self._prefill)
+            with self._lock:
+                self._apply_aborts()
+                batch = self.scheduler.decode_batch()
+            if batch:
+                self._guarded_step(batch, self._decode)
+        with self._lock:
+            leftovers = list(self.scheduler.waiting) + self.scheduler.decode_batch()
+        self._fail(leftovers, EngineError("the server is shutting down", retryable=True))
+
+    def _apply_aborts(self) -> None:
+        for request_id in self._aborted:
+            self.scheduler.remove(request_id)
+        self._aborted.clear()
+
+    def _guarded_step(self, sequences: list[Sequence], step) -> None:
+        """Run a step; if it fails, fail its requests and keep serving the others."""
+        try:
+            with torch.inference_mode():
+                step(sequences)
+        except torch.OutOfMemoryError:
+            log.error("out of memory in a step of %d sequences; failing them and going on", len(sequences))
+            self._fail(sequences, EngineError("the server ran out of GPU memory; retry later", retryable=True))
+            self._release_cached_memory()
+        except Exception:
+            log.exception("a step of %d sequences failed", len(sequences))
+            self._fail(sequences, EngineError("internal error during generation"))
+
+    def _fail(self, sequences: list[Sequence], error: EngineError) -> None:
+        with self._lock:
+            for sequence in sequences:
+                self.scheduler.finish(sequence)
+                if sequence in self.scheduler.waiting:
+                    self.scheduler.waiting.remove(sequence)
+        for sequence in sequences:
+            sequence.deliver(GenerationEvent("", (), len(sequence.prompt_ids), len(sequence.output_ids), error=error))
+
+    def _release_cached_memory(self) -> None:
+        # The tutorial emptied the CUDA cache after every call; doing it only when idle keeps
+        # that promise without slowing a batch.
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.ipc_collect()
+
+    def _prefill(self, sequences: list[Sequence]) -> None:
+        lengths = [len(s.prompt_ids) for s in sequences]
+        longest = max(lengths)
+        tokens = torch.zeros(len(sequences), longest, dtype=torch.long)
+        for row, sequence in enumerate(sequences):
+            tokens[row, :lengths[row]] = torch.tensor(sequence.prompt_ids)
+        positions = torch.arange(longest).expand(len(sequences), longest).to(self.device)
+        step = ForwardBatch.build(self.kv_cache, [s.slot for s in sequences], positions)
+        hidden = self.model(tokens.to(self.device), step)
+        last = hidden[torch.arange(len(sequences), device=self.device), torch.tensor(lengths, device=self.device) - 1]
+        self._sample_and_emit(sequences, self.model.logits(last))
+
+    def _decode(self, sequences: list[Sequence]) -> None:
+        tokens = torch.tensor([[s.output_ids[-1]] for s in sequences], device=self.device)
+        positions = torch.tensor([[s.next_position] for s in sequences], device=self.device)
+        step = ForwardBatch.build(self.kv_cache, [s.slot for s in sequences], positions)
+        hidden = self.model(tokens, step)
+        self._sample_and_emit(sequences, self.model.logits(hidden[:, -1]))
+
+    def _sample_and_emit(self, sequences: list[Sequence], logits: torch.Tensor) -> None:
+        rows = [SamplingRow(s.params, s.prompt_ids, s.output_ids, s.generator) for s in sequences]
+        for sequence, token in zip(sequences, sample(logits, rows)):
+            self._emit(sequence, token)
+
+    def _emit(self, sequence: Sequence, token: int) -> None:
+        sequence.output_ids.append(token)
+        params = sequence.params
+        finish_reason = None
+        if token == self.eos_token_id and not params.ignore_eos:
+            finish_reason = "stop"
+            text = sequence.stop_matcher.add(sequence.detokenizer.flush())
+        else:
+            text = sequence.stop_matcher.add(sequence.detokenizer.push(token))
+            if len(sequence.output_ids) >= params.max_new_tokens and not sequence.stop_matcher.stopped:
+                finish_reason = "length"
+                text += sequence.stop_matcher.add(sequence.detokenizer.flush())
+        if sequence.stop_matcher.stopped:
+            finish_reason = "stop"
+        if finish_reason is not None:
+            text += sequence.stop_matcher.finish()
+            with self._lock:
+                self.scheduler.finish(sequence)
+        sequence.deliver(GenerationEvent(text, (token,), len(sequence.prompt_ids), len(sequence.output_ids),
+                                         finish_reason))

@@ -1,0 +1,149 @@
+"""The bridge from HTTP routes to the engine: tokens in, limits, timeouts, metrics, events out.
+
+Routes call this and never touch tensors; the engine below never sees a request object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from fastapi import Request
+
+from .engine import Engine, EngineError, GenerationEvent, QueueFullError, RequestStream
+from .http_errors import ApiError
+from .metrics import Metrics
+from .sampling import SamplingParams
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+DISCONNECT_POLL_SECONDS = 0.2
+
+
+@dataclass
+class Generation:
+    """The whole result of one request, as the non-streaming routes answer it."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def engine_failure(error: EngineError) -> ApiError:
+    if error.retryable:
+        return ApiError(503, str(error), code="overloaded", headers={"Retry-After": "1"})
+    return ApiError(500, str(error), code="internal_error")
+
+
+class GenerationService:
+    def __init__(self, engine: Engine, tokenizer, settings: Settings, metrics: Metrics):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.metrics = metrics
+        self.max_model_len = engine.config.max_model_len
+        self.max_prompt_tokens = min(settings.max_prompt_tokens or self.max_model_len - 1, self.max_model_len - 1)
+
+    def encode(self, text: str, param: str = "prompt") -> list[int]:
+        """Token ids with BOS; a 400 when the prompt is empty or longer than the limit."""
+        # Checked on characters first: a multi-megabyte prompt is refused before tokenizing it.
+        if len(text) > self.max_prompt_tokens * 16:
+            raise ApiError(400, f"{param} is {len(text)} characters, far beyond the limit of "
+                                f"{self.max_prompt_tokens} tokens", param=param, code="context_length_exceeded")
+        ids = self.tokenizer(text).input_ids
+        if len(ids) > self.max_prompt_tokens:
+            raise ApiError(400, f"{param} is {len(ids)} tokens; the limit is {self.max_prompt_tokens} "
+                                f"(context {self.max_model_len} tokens)", param=param, code="context_length_exceeded")
+        return ids
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def max_new_tokens(self, prompt_tokens: int, requested: int | None, param: str,
+                       default: int | None = None) -> int:
+        """What a request may generate: its ask checked against the limits, or else the
+        default, or else all the room left."""
+        room = self.max_model_len - prompt_tokens
+        if requested is None:
+            return min(room, self.settings.max_tokens_limit, default or room)
+        if requested > self.settings.max_tokens_limit:
+            raise ApiError(400, f"{param} is {requested}; this server allows at most {self.settings.max_tokens_limit}",
+                           param=param)
+        if requested > room:
+            raise ApiError(400, f"{param} is {requested}, but the prompt is {prompt_tokens} tokens and the context is "
+                                f"{self.max_model_len}: at most {room} tokens can be generated",
+                           param=param, code="context_length_exceeded")
+        return requested
+
+    def start(self, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
+        try:
+            return self.engine.generate(prompt_ids, params)
+        except QueueFullError as error:
+            raise ApiError(503, f"the server is busy: {error}; retry shortly", code="queue_full",
+                           headers={"Retry-After": "1"}) from error
+        except ValueError as error:
+            raise ApiError(400, str(error)) from error
+
+    async def events(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[GenerationEvent]:
+        """Start a request and yield its events; leaving early cancels it. Queue-full and
+        too-long errors are raised before the first event, timeouts and engine failures as
+        they happen."""
+        stream = self.start(prompt_ids, params)
+        return self._observed(stream)
+
+    async def _observed(self, stream: RequestStream) -> AsyncIterator[GenerationEvent]:
+        start = time.monotonic()
+        first_token = None
+        event = None
+        try:
+            async with asyncio.timeout(self.settings.request_timeout):
+                async for event in stream:
+                    if event.error is not None:
+                        raise engine_failure(event.error)
+                    if first_token is None and event.token_ids:
+                        first_token = time.monotonic()
+                    yield event
+        except TimeoutError:
+            raise ApiError(503, f"the request took longer than {self.settings.request_timeout:g} s "
+                                "(--request-timeout) and was cancelled", code="timeout") from None
+        finally:
+            stream.cancel()
+            if event is not None:
+                self.metrics.observe_generation(event.prompt_tokens, event.completion_tokens, start,
+                                                first_token, time.monotonic())
+
+    async def collect(self, request: Request, prompt_ids: list[int], params: SamplingParams) -> Generation:
+        """Run to the end; a client that disconnects meanwhile cancels the generation."""
+        events = await self.events(prompt_ids, params)
+        result = Generation(prompt_tokens=len(prompt_ids))
+
+        async def consume() -> Generation:
+            async for event in events:
+                result.text += event.text
+                result.token_ids.extend(event.token_ids)
+                result.finish_reason = event.finish_reason
+                result.completion_tokens = event.completion_tokens
+            return result
+
+        consumer = asyncio.ensure_future(consume())
+        try:
+            while not consumer.done():
+                await asyncio.wait([consumer], timeout=DISCONNECT_POLL_SECONDS)
+                if not consumer.done() and await request.is_disconnected():
+                    log.info("client disconnected; generation cancelled")
+                    consumer.cancel()
+                    raise ApiError(499, "client disconnected")
+            return consumer.result()
+        finally:
+            if not consumer.done():
+                consumer.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await consumer
+            await events.aclose()

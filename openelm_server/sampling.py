@@ -1,0 +1,102 @@
+"""Per-request sampling parameters and the batched sampler.
+
+Every row of a batch has its own parameters and, when sampling, its own seeded generator, so
+that a request's output depends only on its seed, never on what it is batched with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        if self.temperature < 0:
+            raise ValueError("temperature must be non-negative")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("top_k must be non-negative")
+        if self.repetition_penalty <= 0:
+            raise ValueError("repetition_penalty must be positive")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def new_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+def _penalize(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int], output_ids: list[int]) -> None:
+    """Penalties as users know them: repetition as in transformers (prompt and output), and
+    presence/frequency as in OpenAI's API (generated tokens only). ``logits`` is one row."""
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), device=logits.device)
+        scores = logits[seen]
+        logits[seen] = torch.where(scores > 0, scores / params.repetition_penalty, scores * params.repetition_penalty)
+    if (params.presence_penalty or params.frequency_penalty) and output_ids:
+        tokens, counts = torch.tensor(output_ids, device=logits.device).unique(return_counts=True)
+        logits[tokens] -= params.presence_penalty + params.frequency_penalty * counts.to(logits.dtype)
+
+
+def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    if top_k and top_k < logits.numel():
+        threshold = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < threshold, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token when the tokens above it already reach top_p; the best always stays.
+        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
+        logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted), float("-inf"))
+    return logits
+
+
+@dataclass
+class SamplingRow:
+    params: SamplingParams
+    prompt_ids: list[int]
+    output_ids: list[int]
+    generator: torch.Generator | None
+
+
+def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
+    """One next token per row of ``logits`` [batch, vocab]."""
+    logits = logits.float()
+    plain_greedy = all(r.params.greedy and r.params.repetition_penalty == 1.0
+                       and not r.params.presence_penalty and not r.params.frequency_penalty for r in rows)
+    if plain_greedy:
+        return logits.argmax(-1).tolist()
+    tokens = []
+    for row_logits, row in zip(logits, rows):
+        _penalize(row_logits, row.params, row.prompt_ids, row.output_ids)
+        if row.params.greedy:
+            tokens.append(int(row_logits.argmax()))
+            continue
+        filtered = _filter_top_k_top_p(row_logits / row.params.temperature, row.params.top_k, row.params.top_p)
+        probabilities = filtered.softmax(-1)
+        tokens.append(int(torch.multinomial(probabilities, 1, generator=row.generator)))
+    return tokens

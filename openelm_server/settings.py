@@ -1,0 +1,145 @@
+"""Every setting of the server in one typed object, built once from CLI flags and env vars.
+
+Each flag has an environment-variable twin (``--model-path`` / ``MODEL_PATH``); a flag given
+on the command line wins over the environment, which wins over the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Sequence
+
+DEFAULT_MODEL_PATH = "/root/autodl-tmp/OpenELM-3B-Instruct"
+DEFAULT_TOKENIZER_PATH = "/root/autodl-tmp/Llama-2-7b-hf"
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_path: str = DEFAULT_MODEL_PATH
+    tokenizer_path: str = DEFAULT_TOKENIZER_PATH
+    host: str = "0.0.0.0"
+    port: int = 6006
+    device: str = "auto"
+    dtype: str = "auto"
+    served_model_name: str | None = None
+    chat_template: str | None = None
+    max_batch_size: int = 32
+    max_model_len: int = 2048
+    max_queue: int = 256
+    max_prefill_tokens: int = 4096
+    gpu_memory_utilization: float | None = None
+    max_tokens_limit: int = 2048
+    max_prompt_tokens: int | None = None
+    max_body_bytes: int = 1_000_000
+    request_timeout: float = 600.0
+    api_key: str | None = None
+    cors_origins: tuple[str, ...] = ()
+    log_prompts: bool = True
+    shutdown_timeout: float = 30.0
+    log_level: str = "info"
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or Path(self.model_path.rstrip("/")).name or "openelm"
+
+
+def _env_flag(value: str) -> bool:
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return number
+
+
+def _fraction(value: str) -> float:
+    number = float(value)
+    if not 0 < number <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return number
+
+
+def _origins(value: str) -> tuple[str, ...]:
+    return tuple(o.strip() for o in value.split(",") if o.strip())
+
+
+# flag, env var, type, help. Defaults come from the dataclass so that they live in one place.
+_OPTIONS: list[tuple[str, str, object, str]] = [
+    ("--model-path", "MODEL_PATH", str, "OpenELM model directory (config.json + safetensors)"),
+    ("--tokenizer-path", "TOKENIZER_PATH", str, "Llama-2 tokenizer directory (tokenizer.model)"),
+    ("--host", "HOST", str, "address to listen on; 0.0.0.0 for all interfaces"),
+    ("--port", "PORT", int, "port to listen on (AutoDL maps 6006 to the outside)"),
+    ("--device", "DEVICE", str, "auto | cuda | cuda:N | cpu; auto picks CUDA when present"),
+    ("--dtype", "DTYPE", str, "auto | bfloat16 | float16 | float32; auto = bfloat16 on CUDA, float32 on CPU"),
+    ("--served-model-name", "SERVED_MODEL_NAME", str, "model name in the OpenAI API (default: the model directory's name)"),
+    ("--chat-template", "CHAT_TEMPLATE", str, "Jinja chat template file for /v1/chat/completions "
+                                                "(default: the tokenizer's own, else OpenELM-Instruct's Zephyr format)"),
+    ("--max-batch-size", "MAX_BATCH_SIZE", _positive_int, "sequences decoded together (KV-cache slots)"),
+    ("--max-model-len", "MAX_MODEL_LEN", _positive_int, "tokens per sequence, prompt included (at most the model's 2048)"),
+    ("--max-queue", "MAX_QUEUE", _positive_int, "requests allowed to wait; beyond it the server answers 503"),
+    ("--max-prefill-tokens", "MAX_PREFILL_TOKENS", _positive_int, "prompt tokens (padded) prefilled in one step"),
+    ("--gpu-memory-utilization", "GPU_MEMORY_UTILIZATION", _fraction,
+     "on CUDA, fraction of GPU memory for weights + KV cache; lowers --max-batch-size to fit"),
+    ("--max-tokens-limit", "MAX_TOKENS_LIMIT", _positive_int, "largest max_tokens / max_new_tokens a request may ask for"),
+    ("--max-prompt-tokens", "MAX_PROMPT_TOKENS", _positive_int, "longest prompt accepted, in tokens (default: max-model-len - 1)"),
+    ("--max-body-bytes", "MAX_BODY_BYTES", _positive_int, "largest request body accepted (413 beyond)"),
+    ("--request-timeout", "REQUEST_TIMEOUT", _positive_float, "seconds a request may take before it is cancelled (503)"),
+    ("--api-key", "API_KEY", str, "require 'Authorization: Bearer <key>' on every route but /health"),
+    ("--cors-origins", "CORS_ORIGINS", _origins, "comma-separated origins allowed by CORS ('*' for any); off by default"),
+    ("--shutdown-timeout", "SHUTDOWN_TIMEOUT", _positive_float, "seconds running requests get to finish on SIGTERM/SIGINT"),
+    ("--log-level", "LOG_LEVEL", str, "debug | info | warning | error"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = Settings()
+    parser = argparse.ArgumentParser(
+        prog="api.py",
+        description="Serve OpenELM-3B-Instruct over HTTP: the tutorial's POST / plus an OpenAI-compatible API.",
+        epilog="Every flag can also be set by the environment variable shown; flags win.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for flag, env, kind, help_text in _OPTIONS:
+        dest = flag[2:].replace("-", "_")
+        parser.add_argument(flag, dest=dest, type=kind, metavar=env, default=getattr(defaults, dest),
+                            help=f"{help_text} [env {env}]")
+    parser.add_argument("--log-prompts", dest="log_prompts", action=argparse.BooleanOptionalAction,
+                        default=defaults.log_prompts,
+                        help="log whole prompts and responses; --no-log-prompts shortens them [env LOG_PROMPTS]")
+    return parser
+
+
+def load_settings(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> Settings:
+    environ = dict(os.environ if environ is None else environ)
+    parser = build_parser()
+    env_args: list[str] = []
+    for flag, env, _, _ in _OPTIONS:
+        if environ.get(env):
+            env_args += [flag, environ[env]]
+    if environ.get("LOG_PROMPTS"):
+        env_args.append("--log-prompts" if _env_flag(environ["LOG_PROMPTS"]) else "--no-log-prompts")
+    # Parsing the environment as flags first gives env values the same checks as flags.
+    namespace = parser.parse_args(env_args + list(sys.argv[1:] if argv is None else argv))
+    values = {f.name: getattr(namespace, f.name) for f in fields(Settings)}
+    settings = Settings(**values)
+    if settings.device != "auto" and settings.device != "cpu" and not settings.device.startswith("cuda"):
+        parser.error(f"--device must be auto, cpu, cuda or cuda:N, got {settings.device!r}")
+    if settings.dtype not in ("auto", "bfloat16", "float16", "float32"):
+        parser.error(f"--dtype must be auto, bfloat16, float16 or float32, got {settings.dtype!r}")
+    if settings.log_level not in ("debug", "info", "warning", "error"):
+        parser.error(f"--log-level must be debug, info, warning or error, got {settings.log_level!r}")
+    return settings
+

@@ -1,0 +1,82 @@
+"""From settings to a ready engine: pick the device and dtype, load the model and tokenizer."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from .engine import Engine, EngineConfig
+from .kv_cache import KVCache
+from .chat import ChatTemplateError
+from .openelm import CheckpointError, OpenELM, load_openelm
+from .settings import Settings
+from .tokenizer import TokenizerError, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class StartupError(Exception):
+    """A problem that stops the server before it serves; the message is one clear line."""
+
+
+STARTUP_ERRORS = (StartupError, CheckpointError, TokenizerError, ChatTemplateError)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        log.info("device auto: %s", "CUDA (" + torch.cuda.get_device_name(device) + ")" if device.type == "cuda"
+                 else "no CUDA GPU found, using the CPU (slow)")
+        return device
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise StartupError(f"--device {name}: this machine has no CUDA GPU that PyTorch can use")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise StartupError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are present")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def check_directories(settings: Settings) -> None:
+    for label, path, flag in (("model", settings.model_path, "--model-path"),
+                              ("tokenizer", settings.tokenizer_path, "--tokenizer-path")):
+        if not Path(path).is_dir():
+            raise StartupError(f"{label} directory {path} not found: run `bash download.sh` or pass {flag}")
+
+
+def slots_that_fit(model: OpenELM, settings: Settings, device: torch.device, dtype: torch.dtype) -> int:
+    """KV-cache slots: --max-batch-size, lowered to fit --gpu-memory-utilization on CUDA."""
+    if settings.gpu_memory_utilization is None or device.type != "cuda":
+        return settings.max_batch_size
+    free, total = torch.cuda.mem_get_info(device)
+    budget = total * settings.gpu_memory_utilization - (total - free)
+    per_slot = KVCache.bytes_needed(model.config.num_kv_heads, model.config.head_dim, 1, settings.max_model_len, dtype)
+    fitting = int(budget // per_slot)
+    if fitting < 1:
+        raise StartupError(f"--gpu-memory-utilization {settings.gpu_memory_utilization}: no room for a single "
+                           f"KV-cache slot of {per_slot / 2**20:.0f} MiB after the weights")
+    return min(settings.max_batch_size, fitting)
+
+
+def build_engine(settings: Settings) -> tuple[Engine, object]:
+    check_directories(settings)
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    model = load_openelm(settings.model_path, device=device, dtype=dtype)
+    tokenizer = load_tokenizer(settings.tokenizer_path)
+    max_model_len = min(settings.max_model_len, model.config.max_context_length)
+    if max_model_len < settings.max_model_len:
+        log.warning("--max-model-len %d is beyond the model's context; using %d", settings.max_model_len, max_model_len)
+    config = EngineConfig(max_batch_size=slots_that_fit(model, settings, device, dtype), max_model_len=max_model_len,
+                          max_queue=settings.max_queue, max_prefill_tokens=settings.max_prefill_tokens)
+    return Engine(model, tokenizer, config), tokenizer
