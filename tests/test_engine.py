@@ -1,0 +1,287 @@
+"""The engine in-process: continuous batching must not change any request's output."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import threading
+import time
+
+import pytest
+import torch
+
+from openelm_server.engine import Engine, EngineConfig, QueueFullError
+from openelm_server.openelm import load_openelm
+from openelm_server.sampling import SamplingParams
+from openelm_server.tokenizer import load_tokenizer
+
+
+def make_engine(model_dir, tokenizer_dir, **config) -> Engine:
+    engine = Engine(load_openelm(model_dir, show_progress=False), load_tokenizer(tokenizer_dir),
+                    EngineConfig(**{"max_model_len": 256, **config}))
+    engine.start()
+    return engine
+
+
+@pytest.fixture(scope="module")
+def shared_engine(shared_model_dir, shared_tokenizer_dir):
+    engine = make_engine(shared_model_dir, shared_tokenizer_dir, max_batch_size=6)
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def own_engine(own_model_dir, own_tokenizer_dir):
+    engine = make_engine(own_model_dir, own_tokenizer_dir, max_batch_size=4, max_queue=64)
+    yield engine
+    engine.shutdown()
+
+
+async def run(engine: Engine, prompt_ids, params: SamplingParams, delay: float = 0.0):
+    await asyncio.sleep(delay)
+    tokens, text, finish = [], "", None
+    async for event in engine.generate(prompt_ids, params):
+        assert event.error is None
+        tokens += event.token_ids
+        text += event.text
+        finish = event.finish_reason
+    return tokens, text, finish
+
+
+def greedy(n: int, **kw) -> SamplingParams:
+    return SamplingParams(max_new_tokens=n, ignore_eos=True, **kw)
+
+
+def test_reference_tokens_among_15_others_arriving_at_different_times(shared_engine, shared_model_dir):
+    reference = json.loads((shared_model_dir / "reference.json").read_text())
+    cases = reference["cases"] * 4
+    rng = random.Random(0)
+
+    async def main():
+        return await asyncio.gather(*(run(shared_engine, c["prompt_ids"], greedy(reference["new_tokens"]),
+                                          delay=rng.uniform(0, 0.3)) for c in cases))
+
+    results = asyncio.run(main())
+    for case, (tokens, _, finish) in zip(cases, results):
+        assert tokens == case["greedy_ids"]
+        assert finish == "length"
+
+
+def test_self_made_model_alone_equals_in_a_crowd(own_engine):
+    rng = random.Random(1)
+    prompts = [[1] + [rng.randrange(3, 300) for _ in range(rng.randrange(1, 60))] for _ in range(16)]
+    lengths = [rng.randrange(1, 30) for _ in prompts]
+
+    async def alone():
+        return [await run(own_engine, p, greedy(n)) for p, n in zip(prompts, lengths)]
+
+    async def crowd():
+        return await asyncio.gather(*(run(own_engine, p, greedy(n), delay=rng.uniform(0, 0.2))
+                                      for p, n in zip(prompts, lengths)))
+
+    expected = asyncio.run(alone())
+    assert asyncio.run(crowd()) == expected
+    assert [len(tokens) for tokens, _, _ in expected] == lengths
+
+
+def test_streamed_text_is_the_decoded_continuation(own_engine):
+    tokenizer = own_engine.tokenizer
+    prompt = tokenizer("你好 fox").input_ids
+    tokens, text, _ = asyncio.run(run(own_engine, prompt, greedy(20)))
+    full = tokenizer.decode(prompt + tokens, skip_special_tokens=True)
+    assert tokenizer.decode(prompt, skip_special_tokens=True) + text == full
+
+
+def test_admission_waits_for_a_free_slot(own_model_dir, own_tokenizer_dir):
+    engine = make_engine(own_model_dir, own_tokenizer_dir, max_batch_size=2)
+    try:
+        seen_waiting = []
+
+        async def main():
+            tasks = [asyncio.ensure_future(run(engine, [1, 5, 6], greedy(40))) for _ in range(5)]
+            while not all(t.done() for t in tasks):
+                stats = engine.stats()
+                assert stats.running <= 2 and stats.kv_slots_used <= 2
+                seen_waiting.append(stats.waiting)
+                await asyncio.sleep(0.005)
+            return [t.result() for t in tasks]
+
+        results = asyncio.run(main())
+        assert max(seen_waiting) >= 1
+        assert all(r == results[0] for r in results)
+        assert engine.stats().kv_slots_used == 0
+    finally:
+        engine.shutdown()
+
+
+def test_a_request_finishing_mid_batch_leaves_the_others_going(own_engine):
+    prompt = [1, 40, 41, 42]
+
+    async def main():
+        short = asyncio.ensure_future(run(own_engine, prompt, greedy(3)))
+        long = asyncio.ensure_future(run(own_engine, prompt, greedy(40)))
+        return await short, await long
+
+    (short_tokens, _, _), (long_tokens, _, finish) = asyncio.run(main())
+    assert len(short_tokens) == 3 and len(long_tokens) == 40 and finish == "length"
+    assert long_tokens[:3] == short_tokens
+
+
+def test_cancelling_frees_the_slot_at_the_next_step(own_model_dir, own_tokenizer_dir):
+    engine = make_engine(own_model_dir, own_tokenizer_dir, max_batch_size=1)
+    try:
+        async def main():
+            stream = engine.generate([1, 5, 6], greedy(200))
+            await stream.__anext__()
+            assert engine.stats().kv_slots_used == 1
+            stream.cancel()
+            for _ in range(200):
+                if engine.stats().kv_slots_used == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert engine.stats().kv_slots_used == 0
+            return await run(engine, [1, 7], greedy(3))
+
+        tokens, _, _ = asyncio.run(main())
+        assert len(tokens) == 3
+    finally:
+        engine.shutdown()
+
+
+def test_full_queue_raises(own_model_dir, own_tokenizer_dir):
+    engine = make_engine(own_model_dir, own_tokenizer_dir, max_batch_size=1, max_queue=2)
+    try:
+        async def main():
+            streams = [engine.generate([1, 5], greedy(200))]
+            await asyncio.sleep(0.2)  # admitted: the only slot is taken
+            try:
+                streams += [engine.generate([1, 5], greedy(200)) for _ in range(2)]
+                assert engine.stats().waiting == 2
+                with pytest.raises(QueueFullError, match="--max-queue 2"):
+                    engine.generate([1, 5], greedy(200))
+            finally:
+                for stream in streams:
+                    stream.cancel()
+
+        asyncio.run(main())
+    finally:
+        engine.shutdown()
+
+
+def test_too_long_requests_are_refused(own_engine):
+    async def main():
+        with pytest.raises(ValueError, match="exceeds the context"):
+            own_engine.generate([1] * 200, greedy(100))
+        with pytest.raises(ValueError, match="no tokens"):
+            own_engine.generate([], greedy(1))
+
+    asyncio.run(main())
+
+
+def test_stop_string_spanning_tokens_is_cut_and_not_returned(own_engine):
+    prompt = own_engine.tokenizer("Once upon a time").input_ids
+    tokens, text, _ = asyncio.run(run(own_engine, prompt, greedy(30)))
+    pieces = [own_engine.tokenizer.decode(prompt + tokens[:i], skip_special_tokens=True) for i in range(len(tokens))]
+    assert len(text) > 12
+    stop = text[5:11]  # six characters: likely more than one token
+    stopped_tokens, stopped_text, finish = asyncio.run(run(own_engine, prompt, greedy(30, stop=(stop,))))
+    assert finish == "stop"
+    assert stopped_text == text[:text.index(stop)]
+    assert stop not in stopped_text
+    assert len(stopped_tokens) < len(tokens) and pieces
+
+
+def test_eos_stops_generation(own_engine, monkeypatch):
+    eos = own_engine.eos_token_id
+    original = own_engine.model.logits
+
+    def eos_after_two(hidden):
+        logits = original(hidden)
+        if eos_after_two.calls >= 2:
+            logits[:, eos] = 1e9
+        eos_after_two.calls += 1
+        return logits
+
+    eos_after_two.calls = 0
+    monkeypatch.setattr(own_engine.model, "logits", eos_after_two)
+    tokens, _, finish = asyncio.run(run(own_engine, [1, 9, 10], SamplingParams(max_new_tokens=50)))
+    assert finish == "stop" and tokens[-1] == eos and len(tokens) == 3
+
+
+def test_seeded_sampling_is_reproducible_alone_and_in_a_batch(own_engine):
+    params = SamplingParams(max_new_tokens=20, temperature=1.0, top_p=0.95, top_k=100, seed=1234, ignore_eos=True)
+    prompt = [1, 20, 21, 22]
+    alone = asyncio.run(run(own_engine, prompt, params))
+
+    async def crowded():
+        noise = [run(own_engine, [1, 50 + i], SamplingParams(max_new_tokens=25, temperature=1.0, ignore_eos=True))
+                 for i in range(5)]
+        results = await asyncio.gather(run(own_engine, prompt, params, delay=0.05), *noise)
+        return results[0]
+
+    assert asyncio.run(crowded()) == alone
+    other_seed = asyncio.run(run(own_engine, prompt, SamplingParams(
+        max_new_tokens=20, temperature=1.0, top_p=0.95, top_k=100, seed=99, ignore_eos=True)))
+    assert other_seed != alone
+
+
+def test_penalties_change_greedy_output_and_stay_deterministic(own_engine):
+    prompt = [1, 20, 20, 20, 21]
+    plain = asyncio.run(run(own_engine, prompt, greedy(30)))
+    penalized = asyncio.run(run(own_engine, prompt, greedy(30, repetition_penalty=1.5)))
+    again = asyncio.run(run(own_engine, prompt, greedy(30, repetition_penalty=1.5)))
+    assert penalized == again
+    assert len(set(penalized[0])) >= len(set(plain[0]))
+
+
+def test_out_of_memory_fails_that_step_only(own_model_dir, own_tokenizer_dir, monkeypatch):
+    engine = make_engine(own_model_dir, own_tokenizer_dir, max_batch_size=2)
+    try:
+        original = engine.model.forward
+        failures = {"left": 1}
+
+        def forward_that_runs_out_once(*args, **kwargs):
+            if failures["left"]:
+                failures["left"] -= 1
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(engine.model, "forward", forward_that_runs_out_once)
+
+        async def first():
+            async for event in engine.generate([1, 5, 6], greedy(5)):
+                return event
+
+        event = asyncio.run(first())
+        assert event.error is not None and event.error.retryable
+        assert engine.stats().kv_slots_used == 0
+        tokens, _, finish = asyncio.run(run(engine, [1, 5, 6], greedy(5)))
+        assert len(tokens) == 5 and finish == "length"
+    finally:
+        engine.shutdown()
+
+
+def test_the_engine_thread_does_not_block_the_caller(own_engine):
+    """Submitting returns at once; the work happens on the engine's own thread."""
+    threads = set()
+    original = own_engine._decode
+
+    def recording_decode(sequences):
+        threads.add(threading.current_thread().name)
+        return original(sequences)
+
+    own_engine._decode = recording_decode
+    try:
+        async def main():
+            start = time.monotonic()
+            stream = own_engine.generate([1, 5], greedy(30))
+            submitted = time.monotonic() - start
+            async for _ in stream:
+                pass
+            return submitted
+
+        assert asyncio.run(main()) < 0.05
+        assert threads == {"engine"}
+    finally:
+        del own_engine._decode
