@@ -214,7 +214,7 @@ class Engine:
         try:
             with torch.inference_mode():
                 step(sequences)
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:
             log.error("out of memory in a step of %d sequences; failing them and going on", len(sequences))
             self._fail(sequences, EngineError("the server ran out of GPU memory; retry later", retryable=True))
             self._release_cached_memory()

@@ -100,19 +100,21 @@ class GenerationService:
 
     async def _observed(self, stream: RequestStream) -> AsyncIterator[GenerationEvent]:
         start = time.monotonic()
+        deadline = start + self.settings.request_timeout
         first_token = None
         event = None
         try:
-            async with asyncio.timeout(self.settings.request_timeout):
-                async for event in stream:
-                    if event.error is not None:
-                        raise engine_failure(event.error)
-                    if first_token is None and event.token_ids:
-                        first_token = time.monotonic()
-                    yield event
-        except TimeoutError:
-            raise ApiError(503, f"the request took longer than {self.settings.request_timeout:g} s "
-                                "(--request-timeout) and was cancelled", code="timeout") from None
+            while not stream.finished:
+                try:
+                    event = await asyncio.wait_for(anext(stream), timeout=deadline - time.monotonic())
+                except asyncio.TimeoutError:
+                    raise ApiError(503, f"the request took longer than {self.settings.request_timeout:g} s "
+                                        "(--request-timeout) and was cancelled", code="timeout") from None
+                if event.error is not None:
+                    raise engine_failure(event.error)
+                if first_token is None and event.token_ids:
+                    first_token = time.monotonic()
+                yield event
         finally:
             stream.cancel()
             if event is not None:

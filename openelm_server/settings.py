@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="api.py",
         description="Serve OpenELM-3B-Instruct over HTTP: the tutorial's POST / plus an OpenAI-compatible API.",
         epilog="Every flag can also be set by the environment variable shown; flags win.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=lambda prog: argparse.ArgumentDefaultsHelpFormatter(prog, width=120, max_help_position=40),
     )
     for flag, env, kind, help_text in _OPTIONS:
         dest = flag[2:].replace("-", "_")
