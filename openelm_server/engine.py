@@ -16,6 +16,7 @@ import uuid
 from dataclasses import dataclass
 import torch
 
+from .cuda_graphs import StaticDecoder
 from .detokenize import IncrementalDetokenizer, StopStringMatcher
 from .openelm import ForwardBatch, OpenELM
 from .sampling import SamplingParams, SamplingRow, new_generator, sample
@@ -32,6 +33,7 @@ class EngineConfig:
     max_model_len: int = 2048
     max_queue: int = 256
     max_prefill_tokens: int = 4096
+    cuda_graphs: bool = True
 
 
 class EngineError(Exception):
@@ -115,13 +117,16 @@ class Engine:
         self.device = model.transformer.token_embeddings.weight.device
         self.kv_cache = model.new_kv_cache(config.max_batch_size, config.max_model_len)
         self.scheduler = Scheduler(self.kv_cache, config.max_queue, config.max_prefill_tokens)
+        use_graphs = config.cuda_graphs and self.device.type == "cuda"
+        self.static_decoder = StaticDecoder(model, self.kv_cache, capture=True) if use_graphs else None
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
         self._aborted: set[str] = set()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        log.info("KV cache: %d slots x %d tokens, %.1f MiB on %s", config.max_batch_size, config.max_model_len,
-                 self.kv_cache.nbytes / 2**20, self.device)
+        log.info("KV cache: %d slots x %d tokens, %.1f MiB on %s; decode %s", config.max_batch_size,
+                 config.max_model_len, self.kv_cache.nbytes / 2**20, self.device,
+                 "with CUDA graphs" if use_graphs else "eager")
 
     # ---- called from any thread -------------------------------------------------------
 
@@ -251,11 +256,16 @@ class Engine:
         self._sample_and_emit(sequences, self.model.logits(last))
 
     def _decode(self, sequences: list[Sequence]) -> None:
-        tokens = torch.tensor([[s.output_ids[-1]] for s in sequences], device=self.device)
-        positions = torch.tensor([[s.next_position] for s in sequences], device=self.device)
-        step = ForwardBatch.build(self.kv_cache, [s.slot for s in sequences], positions)
-        hidden = self.model(tokens, step)
-        self._sample_and_emit(sequences, self.model.logits(hidden[:, -1]))
+        slots = [s.slot for s in sequences]
+        tokens = [s.output_ids[-1] for s in sequences]
+        positions = [s.next_position for s in sequences]
+        if self.static_decoder is not None:
+            logits = self.static_decoder.decode(slots, tokens, positions)
+        else:
+            step = ForwardBatch.build(self.kv_cache, slots, torch.tensor(positions, device=self.device).unsqueeze(1))
+            hidden = self.model(torch.tensor(tokens, device=self.device).unsqueeze(1), step)
+            logits = self.model.logits(hidden[:, -1])
+        self._sample_and_emit(sequences, logits)
 
     def _sample_and_emit(self, sequences: list[Sequence], logits: torch.Tensor) -> None:
         rows = [SamplingRow(s.params, s.prompt_ids, s.output_ids, s.generator) for s in sequences]

@@ -168,6 +168,26 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-second, first), dim=-1)
 
 
+def grouped_query_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                            mask: torch.Tensor) -> torch.Tensor:
+    """Attention where each KV head serves a group of consecutive query heads.
+
+    The group is folded into the query-length axis ([batch, kv_heads, group * length, dim]),
+    so keys and values are read once per KV head instead of being repeated per query head,
+    and any SDPA kernel that takes a mask can run it.
+    """
+    batch, query_heads, length, dim = queries.shape
+    kv_heads = keys.shape[1]
+    group = query_heads // kv_heads
+    if group == 1:
+        return F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask)
+    folded = queries.reshape(batch, kv_heads, group * length, dim)
+    context = mask.shape[-1]
+    folded_mask = mask.unsqueeze(2).expand(batch, 1, group, length, context).reshape(batch, 1, group * length, context)
+    attended = F.scaled_dot_product_attention(folded, keys, values, attn_mask=folded_mask)
+    return attended.reshape(batch, query_heads, length, dim)
+
+
 class Attention(nn.Module):
     def __init__(self, config: OpenELMConfig, layer: int):
         super().__init__()
@@ -197,10 +217,7 @@ class Attention(nn.Module):
 
         step.kv_cache.write(self.layer, step.slot_index, step.positions, keys, values)
         cached_keys, cached_values = step.kv_cache.read(self.layer, step.slots, step.context_length)
-        attended = F.scaled_dot_product_attention(
-            queries, cached_keys, cached_values, attn_mask=step.attention_mask,
-            enable_gqa=self.num_query_heads != self.num_kv_heads,
-        )
+        attended = grouped_query_attention(queries, cached_keys, cached_values, step.attention_mask)
         return self.out_proj(attended.transpose(1, 2).reshape(batch, length, -1))
 
 
@@ -260,16 +277,17 @@ class ForwardBatch:
 
     @classmethod
     def build(cls, kv_cache: KVCache, slots: list[int], positions: torch.Tensor,
-              context_length: int | None = None) -> "ForwardBatch":
-        """``context_length`` (keys attended, ≥ max position + 1) may be fixed by the caller
-        so that shapes stay static, as CUDA graphs need."""
+              context_length: int | None = None, slot_index: torch.Tensor | None = None) -> "ForwardBatch":
+        """A CUDA-graph step passes ``context_length`` (keys attended, > every position) and
+        ``slot_index`` ([batch, 1] on the device) so that nothing here syncs with the host."""
         if context_length is None:
             context_length = int(positions.max()) + 1
         device = positions.device
         key_positions = torch.arange(context_length, device=device)
         mask = key_positions.view(1, 1, 1, -1) <= positions.unsqueeze(1).unsqueeze(-1)
-        slot_index = torch.tensor(slots, device=device).unsqueeze(1).expand_as(positions)
-        return cls(kv_cache, slots, positions, slot_index, context_length, mask)
+        if slot_index is None:
+            slot_index = torch.tensor(slots, device=device).unsqueeze(1)
+        return cls(kv_cache, slots, positions, slot_index.expand_as(positions), context_length, mask)
 
 
 class OpenELM(nn.Module):

@@ -39,6 +39,7 @@ class Settings:
     api_key: str | None = None
     cors_origins: tuple[str, ...] = ()
     log_prompts: bool = True
+    cuda_graphs: bool = True
     shutdown_timeout: float = 30.0
     log_level: str = "info"
 
@@ -103,6 +104,11 @@ _OPTIONS: list[tuple[str, str, object, str]] = [
     ("--log-level", "LOG_LEVEL", str, "debug | info | warning | error"),
 ]
 
+_SWITCHES: list[tuple[str, str, str, str]] = [
+    ("--log-prompts", "log_prompts", "LOG_PROMPTS", "log whole prompts and responses; --no-log-prompts shortens them"),
+    ("--cuda-graphs", "cuda_graphs", "CUDA_GRAPHS", "on CUDA, replay decode steps as CUDA graphs; --no-cuda-graphs to debug"),
+]
+
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = Settings()
@@ -116,9 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
         dest = flag[2:].replace("-", "_")
         parser.add_argument(flag, dest=dest, type=kind, metavar=env, default=getattr(defaults, dest),
                             help=f"{help_text} [env {env}]")
-    parser.add_argument("--log-prompts", dest="log_prompts", action=argparse.BooleanOptionalAction,
-                        default=defaults.log_prompts,
-                        help="log whole prompts and responses; --no-log-prompts shortens them [env LOG_PROMPTS]")
+    for flag, dest, env, help_text in _SWITCHES:
+        parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=getattr(defaults, dest),
+                            help=f"{help_text} [env {env}=0|1]")
     return parser
 
 
@@ -129,8 +135,9 @@ def load_settings(argv: Sequence[str] | None = None, environ: dict[str, str] | N
     for flag, env, _, _ in _OPTIONS:
         if environ.get(env):
             env_args += [flag, environ[env]]
-    if environ.get("LOG_PROMPTS"):
-        env_args.append("--log-prompts" if _env_flag(environ["LOG_PROMPTS"]) else "--no-log-prompts")
+    for flag, _, env, _ in _SWITCHES:
+        if environ.get(env):
+            env_args.append(flag if _env_flag(environ[env]) else "--no-" + flag[2:])
     # Parsing the environment as flags first gives env values the same checks as flags.
     namespace = parser.parse_args(env_args + list(sys.argv[1:] if argv is None else argv))
     values = {f.name: getattr(namespace, f.name) for f in fields(Settings)}

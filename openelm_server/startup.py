@@ -78,5 +78,6 @@ def build_engine(settings: Settings) -> tuple[Engine, object]:
     if max_model_len < settings.max_model_len:
         log.warning("--max-model-len %d is beyond the model's context; using %d", settings.max_model_len, max_model_len)
     config = EngineConfig(max_batch_size=slots_that_fit(model, settings, device, dtype), max_model_len=max_model_len,
-                          max_queue=settings.max_queue, max_prefill_tokens=settings.max_prefill_tokens)
+                          max_queue=settings.max_queue, max_prefill_tokens=settings.max_prefill_tokens,
+                          cuda_graphs=settings.cuda_graphs)
     return Engine(model, tokenizer, config), tokenizer

@@ -285,3 +285,24 @@ def test_the_engine_thread_does_not_block_the_caller(own_engine):
         assert threads == {"engine"}
     finally:
         del own_engine._decode
+
+
+def test_static_decode_steps_equal_dynamic_ones(own_model_dir, own_tokenizer_dir):
+    """The CUDA-graph path's logic (bucketed batch and context, dummy rows for free slots),
+    run eagerly: the tokens must be those of the plain path."""
+    from openelm_server.cuda_graphs import StaticDecoder
+
+    engine = make_engine(own_model_dir, own_tokenizer_dir, max_batch_size=6)
+    try:
+        rng = random.Random(5)
+        prompts = [[1] + [rng.randrange(3, 300) for _ in range(rng.randrange(1, 150))] for _ in range(10)]
+
+        async def crowd():
+            return await asyncio.gather(*(run(engine, p, greedy(25), delay=rng.uniform(0, 0.2)) for p in prompts))
+
+        expected = asyncio.run(crowd())
+        engine.static_decoder = StaticDecoder(engine.model, engine.kv_cache, capture=False)
+        assert engine.static_decoder.bucket(3, 129) == (4, 256)
+        assert asyncio.run(crowd()) == expected
+    finally:
+        engine.shutdown()
