@@ -67,11 +67,11 @@ def create_app(settings: Settings, engine: Engine, tokenizer) -> FastAPI:
         prompt_ids = service.encode(body.prompt)
         params = _tutorial_params(body, prompt_ids, service)
         prompt_text = service.decode(prompt_ids)
+        [events] = service.start([(prompt_ids, params)])
         if body.stream:
-            events = await service.events(prompt_ids, params)
             return StreamingResponse(_tutorial_stream(prompt_text, events, body.prompt, settings),
                                      media_type="text/plain; charset=utf-8")
-        result = await service.collect(request, prompt_ids, params)
+        result = await service.collect(request, events)
         response = prompt_text + result.text
         time_text = now_text()
         _log_tutorial(time_text, body.prompt, response, settings)

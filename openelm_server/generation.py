@@ -82,21 +82,27 @@ class GenerationService:
                            param=param, code="context_length_exceeded")
         return requested
 
-    def start(self, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
+    def start(self, jobs: list[tuple[list[int], SamplingParams]]) -> list[AsyncIterator[GenerationEvent]]:
+        """Queue requests and return their event streams; leaving a stream early cancels its
+        request. A full queue or a request that cannot fit raises here, before any answer is
+        sent, and cancels the requests of ``jobs`` already queued."""
+        started: list[RequestStream] = []
         try:
-            return self.engine.generate(prompt_ids, params)
+            for prompt_ids, params in jobs:
+                started.append(self.engine.generate(prompt_ids, params))
         except QueueFullError as error:
+            self._cancel(started)
             raise ApiError(503, f"the server is busy: {error}; retry shortly", code="queue_full",
                            headers={"Retry-After": "1"}) from error
         except ValueError as error:
+            self._cancel(started)
             raise ApiError(400, str(error)) from error
+        return [self._observed(stream) for stream in started]
 
-    async def events(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[GenerationEvent]:
-        """Start a request and yield its events; leaving early cancels it. Queue-full and
-        too-long errors are raised before the first event, timeouts and engine failures as
-        they happen."""
-        stream = self.start(prompt_ids, params)
-        return self._observed(stream)
+    @staticmethod
+    def _cancel(streams: list[RequestStream]) -> None:
+        for stream in streams:
+            stream.cancel()
 
     async def _observed(self, stream: RequestStream) -> AsyncIterator[GenerationEvent]:
         start = time.monotonic()
@@ -121,16 +127,16 @@ class GenerationService:
                 self.metrics.observe_generation(event.prompt_tokens, event.completion_tokens, start,
                                                 first_token, time.monotonic())
 
-    async def collect(self, request: Request, prompt_ids: list[int], params: SamplingParams) -> Generation:
-        """Run to the end; a client that disconnects meanwhile cancels the generation."""
-        events = await self.events(prompt_ids, params)
-        result = Generation(prompt_tokens=len(prompt_ids))
+    async def collect(self, request: Request, events: AsyncIterator[GenerationEvent]) -> Generation:
+        """Run a started request to the end; a client that disconnects meanwhile cancels it."""
+        result = Generation()
 
         async def consume() -> Generation:
             async for event in events:
                 result.text += event.text
                 result.token_ids.extend(event.token_ids)
                 result.finish_reason = event.finish_reason
+                result.prompt_tokens = event.prompt_tokens
                 result.completion_tokens = event.completion_tokens
             return result
 
@@ -140,7 +146,6 @@ class GenerationService:
                 await asyncio.wait([consumer], timeout=DISCONNECT_POLL_SECONDS)
                 if not consumer.done() and await request.is_disconnected():
                     log.info("client disconnected; generation cancelled")
-                    consumer.cancel()
                     raise ApiError(499, "client disconnected")
             return consumer.result()
         finally:

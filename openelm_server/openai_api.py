@@ -86,11 +86,16 @@ async def create_completion(body: CompletionRequest, request: Request):
         jobs.append((prompt_ids, params, echo))
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
+    streams = service.start([(ids, params) for ids, params, _ in jobs])
     if body.stream:
-        streams = [await service.events(ids, params) for ids, params, _ in jobs]
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return _sse_response(_completion_chunks(completion_id, created, model, jobs, streams, include_usage))
-    results = await asyncio.gather(*(service.collect(request, ids, params) for ids, params, _ in jobs))
+    tasks = [asyncio.ensure_future(service.collect(request, events)) for events in streams]
+    try:
+        results = await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()  # one failed: the others stop too
     choices = [CompletionChoice(index=i, text=echo + r.text, finish_reason=r.finish_reason)
                for i, ((_, _, echo), r) in enumerate(zip(jobs, results))]
     return Completion(id=completion_id, created=created, model=model, choices=choices, usage=_usage(list(results)))
@@ -111,11 +116,11 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     params = _params(body, service.max_new_tokens(len(prompt_ids), requested, param))
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
+    [events] = service.start([(prompt_ids, params)])
     if body.stream:
-        events = await service.events(prompt_ids, params)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return _sse_response(_chat_chunks(completion_id, created, model, len(prompt_ids), events, include_usage))
-    result = await service.collect(request, prompt_ids, params)
+    result = await service.collect(request, events)
     choice = ChatChoice(index=0, message=AssistantMessage(content=result.text), finish_reason=result.finish_reason)
     return ChatCompletion(id=completion_id, created=created, model=model, choices=[choice], usage=_usage([result]))
 
