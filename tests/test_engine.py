@@ -306,3 +306,24 @@ def test_static_decode_steps_equal_dynamic_ones(own_model_dir, own_tokenizer_dir
         assert asyncio.run(crowd()) == expected
     finally:
         engine.shutdown()
+
+
+def test_gpu_cache_is_released_when_the_engine_goes_idle_not_between_overlapping_requests(own_model_dir,
+                                                                                           own_tokenizer_dir):
+    engine = Engine(load_openelm(own_model_dir, show_progress=False), load_tokenizer(own_tokenizer_dir),
+                    EngineConfig(max_model_len=256, max_batch_size=4))
+    releases = []
+    engine._release_cached_memory = lambda: releases.append(engine.stats().running)
+    engine.start()
+    try:
+        async def overlapping():
+            return await asyncio.gather(run(engine, [1, 5], greedy(30)), run(engine, [1, 6], greedy(5), delay=0.02))
+
+        asyncio.run(overlapping())
+        time.sleep(0.3)
+        assert releases == [0]  # once, after both: never while a batch was running
+        asyncio.run(run(engine, [1, 7], greedy(3)))
+        time.sleep(0.3)
+        assert releases == [0, 0]
+    finally:
+        engine.shutdown()
