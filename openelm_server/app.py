@@ -142,23 +142,41 @@ def _log_tutorial(time_text: str, prompt: str, response: str, settings: Settings
                       repr(_shorten(response, settings)))
 
 
+# pydantic names the member of a union that failed inside the location ("constrained-str",
+# "list[constrained-str]"); users know only their field names and list indexes.
+_UNION_MEMBER_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _user_location(location: tuple) -> tuple:
+    return tuple(part for part in location if part != "body" and not (
+        isinstance(part, str) and ("[" in part or "-" in part or part in _UNION_MEMBER_TAGS)))
+
+
 def _validation_message(error: RequestValidationError) -> tuple[str, str | None]:
     problems = []
-    param = None
+    field_errors: dict[tuple, list[str]] = {}
     for item in error.errors():
-        location = [str(part) for part in item.get("loc", ()) if part != "body"]
+        location = _user_location(item.get("loc", ()))
         if item.get("type") == "missing" and not location:
             problems.append("the request body is empty; send a JSON object such as {\"prompt\": \"...\"}")
-            continue
-        if item.get("type") == "json_invalid":
+        elif item.get("type") == "json_invalid":
             problems.append(f"the body is not valid JSON ({item.get('ctx', {}).get('error', 'parse error')})")
-            continue
-        if item.get("type") in ("model_attributes_type", "dict_type") and not location:
+        elif item.get("type") in ("model_attributes_type", "dict_type") and not location:
             problems.append("the body must be a JSON object")
-            continue
-        name = ".".join(location) or "body"
-        param = param or name
-        problems.append(f"{name}: {item.get('msg', 'invalid')}")
+        else:
+            messages = field_errors.setdefault(location, [])
+            if item.get("msg", "invalid") not in messages:
+                messages.append(item.get("msg", "invalid"))
+    # A union member that got deeper (prompt.1 of a list) says more than the one that failed at
+    # the top (prompt is not a string): keep the deepest.
+    locations = [loc for loc in field_errors
+                 if not any(other != loc and other[:len(loc)] == loc for other in field_errors)]
+    for location in locations:
+        name = ".".join(str(part) for part in location) or "body"
+        problems.append(f"{name}: {' or '.join(field_errors[location])}")
+    param = None
+    if locations and locations[0]:
+        param = ".".join(str(part) for part in locations[0])
     return "; ".join(problems) or "invalid request", param
 
 

@@ -149,8 +149,11 @@ class GenerationService:
                     raise ApiError(499, "client disconnected")
             return consumer.result()
         finally:
-            if not consumer.done():
+            # Before Python 3.12, asyncio.wait_for drops a cancel that lands just as its result
+            # arrives, and the consumer would read on to the last token: cancel until it stops.
+            while not consumer.done():
                 consumer.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await consumer
+                await asyncio.wait([consumer], timeout=DISCONNECT_POLL_SECONDS)
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                consumer.result()
             await events.aclose()

@@ -82,7 +82,8 @@ async def create_completion(body: CompletionRequest, request: Request):
         prompt_ids = service.encode(prompt, param)
         params = _params(body, service.max_new_tokens(len(prompt_ids), body.max_tokens, "max_tokens",
                                                       default=COMPLETIONS_DEFAULT_MAX_TOKENS))
-        echo = service.decode(prompt_ids) if body.echo else ""
+        # OpenAI echoes the prompt as sent: decoding its tokens would drop a leading space.
+        echo = prompt if body.echo else ""
         jobs.append((prompt_ids, params, echo))
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
