@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 import uvicorn
@@ -30,8 +31,16 @@ def configure_logging(level: str) -> None:
     root.setLevel(level.upper())
 
 
+def exit_cleanly(signum, frame) -> None:
+    raise SystemExit(0)
+
+
 def main(settings: Settings) -> int:
     configure_logging(settings.log_level)
+    # uvicorn drains requests on SIGTERM/SIGINT, then raises the signal again for the handler
+    # it found; ours makes that a clean exit (status 0) instead of death by signal.
+    for stop_signal in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop_signal, exit_cleanly)
     try:
         engine, tokenizer = build_engine(settings)
         app = create_app(settings, engine, tokenizer)

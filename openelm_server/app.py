@@ -78,11 +78,13 @@ def create_app(settings: Settings, engine: Engine, tokenizer) -> FastAPI:
         return TutorialResponse(response=response, status=200, time=time_text)
 
     app.include_router(openai_api.router)
-    if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
-                           allow_headers=["*"], expose_headers=["X-Request-ID"])
     app.add_middleware(GuardMiddleware, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes,
                        metrics=metrics)
+    if settings.cors_origins:
+        # Outermost, so that the guard's own answers (401, 413) carry CORS headers too and a
+        # browser's preflight, which has no API key, is answered before the guard.
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["X-Request-ID"])
     return app
 
 

@@ -71,6 +71,7 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         # Drop a token when the tokens above it already reach top_p; the best always stays.
         drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
+        drop_sorted[0] = False  # a top_p that rounds to 0 in float32 would drop it too
         logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted), float("-inf"))
     return logits
 
@@ -93,10 +94,17 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
     tokens = []
     for row_logits, row in zip(logits, rows):
         _penalize(row_logits, row.params, row.prompt_ids, row.output_ids)
+        # A tiny repetition penalty divides logits into infinities; keep them comparable numbers.
+        finfo = torch.finfo(row_logits.dtype)
+        row_logits = torch.nan_to_num(row_logits, nan=finfo.min, posinf=finfo.max, neginf=finfo.min)
         if row.params.greedy:
             tokens.append(int(row_logits.argmax()))
             continue
-        filtered = _filter_top_k_top_p(row_logits / row.params.temperature, row.params.top_k, row.params.top_p)
+        # Shifted so that the best logit is 0, and the temperature kept above float32's smallest
+        # normal number (1e-300 would round to 0): a tiny temperature gives -inf, never inf/nan.
+        temperature = max(row.params.temperature, finfo.tiny)
+        scaled = (row_logits - row_logits.max()) / temperature
+        filtered = _filter_top_k_top_p(scaled, row.params.top_k, row.params.top_p)
         probabilities = filtered.softmax(-1)
         tokens.append(int(torch.multinomial(probabilities, 1, generator=row.generator)))
     return tokens
