@@ -295,8 +295,8 @@ class OpenELM(nn.Module):
         super().__init__()
         self.config = config
         self.transformer = Transformer(config)
-        if not config.share_input_output_layers:
-            self.lm_head = nn.Linear(config.model_dim, config.vocab_size, bias=False)
+        self.lm_head = None if config.share_input_output_layers else \
+            nn.Linear(config.model_dim, config.vocab_size, bias=False)
 
     def rope_tables(self, device: torch.device) -> None:
         """Cos/sin per position, float32, built once on the model's device after loading."""
@@ -316,8 +316,9 @@ class OpenELM(nn.Module):
         return self.transformer.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.transformer.token_embeddings.weight if self.config.share_input_output_layers else self.lm_head.weight
-        return F.linear(hidden, weight)
+        if self.lm_head is None:
+            return F.linear(hidden, self.transformer.token_embeddings.weight)
+        return self.lm_head(hidden)
 
     def new_kv_cache(self, num_slots: int, max_length: int) -> KVCache:
         embeddings = self.transformer.token_embeddings.weight

@@ -10,6 +10,7 @@ import torch
 from .engine import Engine, EngineConfig
 from .kv_cache import KVCache
 from .chat import ChatTemplateError
+from .cpu_linear import can_use_onednn, use_onednn_linears
 from .openelm import CheckpointError, OpenELM, load_openelm
 from .settings import Settings
 from .tokenizer import TokenizerError, load_tokenizer
@@ -73,6 +74,8 @@ def build_engine(settings: Settings) -> tuple[Engine, object]:
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     model = load_openelm(settings.model_path, device=device, dtype=dtype)
+    if settings.onednn_linear and can_use_onednn(model):
+        use_onednn_linears(model)
     tokenizer = load_tokenizer(settings.tokenizer_path)
     max_model_len = min(settings.max_model_len, model.config.max_context_length)
     if max_model_len < settings.max_model_len:

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import make_checkpoint, tiny_config
+from openelm_server.cpu_linear import OneDnnLinear, can_use_onednn, use_onednn_linears
 from openelm_server.openelm import (CheckpointError, ForwardBatch, OpenELM, OpenELMConfig, count_parameters,
                                     load_openelm, published_config)
 from openelm_server.tokenizer import TokenizerError, load_tokenizer
@@ -61,9 +62,19 @@ def reference(shared_model_dir):
     return json.loads((shared_model_dir / "reference.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def shared_model(shared_model_dir) -> OpenELM:
-    return load_openelm(shared_model_dir, dtype=torch.float32)
+def with_onednn(model: OpenELM) -> OpenELM:
+    if not can_use_onednn(model):
+        pytest.skip("oneDNN is not available in this torch build")
+    use_onednn_linears(model)
+    return model
+
+
+@pytest.fixture(scope="module", params=["pytorch", "onednn"])
+def shared_model(request, shared_model_dir) -> OpenELM:
+    """The reference must hold both for plain PyTorch linears and for the oneDNN ones that
+    the server uses on the CPU in float32."""
+    model = load_openelm(shared_model_dir, dtype=torch.float32)
+    return with_onednn(model) if request.param == "onednn" else model
 
 
 def test_reproduces_reference_one_prompt_at_a_time(shared_model, reference):
@@ -178,6 +189,32 @@ def test_bfloat16_on_cpu_is_close_to_float32(own_model_dir, own_model):
           f"(logit range {logits_fp32.min():.2f}..{logits_fp32.max():.2f})")
     assert difference < 0.1 * logits_fp32.abs().max().item()
     assert torch.topk(logits_bf16, 5).indices[0] in torch.topk(logits_fp32, 5).indices
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied-embeddings", "own-lm-head"])
+def test_onednn_linears_match_pytorch_and_keep_the_cache_consistent(tmp_path, own_tokenizer_dir, tied):
+    directory = make_checkpoint(tmp_path / "model", vocab_size=400, share_input_output_layers=tied)
+    plain = load_openelm(directory, dtype=torch.float32)
+    fast = with_onednn(load_openelm(directory, dtype=torch.float32))
+    assert not any(isinstance(m, torch.nn.Linear) for m in fast.modules())
+    assert isinstance(fast.lm_head, OneDnnLinear)
+    prompts = [[1, 17, 42, 99, 7], [1, 250, 11], [1, 3, 5, 7, 9, 11, 13]]
+    plain_outputs, plain_logits = greedy_batch(plain, prompts, 12)
+    fast_outputs, fast_logits = greedy_batch(fast, prompts, 12, slots=[2, 0, 1])
+    assert fast_outputs == plain_outputs
+    assert torch.allclose(fast_logits, plain_logits, atol=1e-4)
+    sequence = prompts[0] + fast_outputs[0]
+    alone, _ = greedy_batch(fast, [prompts[0]], 12)
+    assert alone[0] == fast_outputs[0]
+    assert torch.allclose(full_recompute_logits(fast, sequence[:-1]), full_recompute_logits(plain, sequence[:-1]),
+                          atol=1e-4)
+
+
+def test_onednn_is_only_for_float32_on_the_cpu(own_model_dir):
+    model = load_openelm(own_model_dir, dtype=torch.bfloat16)
+    assert not can_use_onednn(model)
+    with pytest.raises(ValueError, match="float32 model on the CPU"):
+        use_onednn_linears(model)
 
 
 # ---- what the loader refuses, and how it says so --------------------------------------------
