@@ -11,7 +11,6 @@ the tests that need no special flag use conftest's shared ``server``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import re
@@ -43,7 +42,7 @@ VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 # Imported by the "failing" server (PYTHONPATH) before api.py runs: any prefill step that holds a
 # request seeded with OOM_SEED raises torch.OutOfMemoryError, as a CUDA OOM would.
-OOM_SITECUSTOMIZE = textwrap.dedent(f"""
+OOM_SITECUSTOMIZE = textwrap.dedent("""
     import os
     if os.environ.get("OPENELM_TEST_OOM_SEED"):
         import torch
