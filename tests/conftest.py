@@ -74,10 +74,15 @@ def train_tokenizer(directory: Path, vocab_size: int = 400) -> Path:
 
 
 def make_checkpoint(directory: Path, vocab_size: int, seed: int = 0, max_shard_bytes: int | None = None,
-                    **overrides) -> Path:
+                    quiet_eos: bool = False, **overrides) -> Path:
+    """With ``quiet_eos`` the EOS embedding row is zero, so its tied logit is always 0 while the
+    best of the other random logits is above 0: greedy answers run to their full length, as
+    the tests of long generations need."""
     raw = tiny_config(vocab_size, **overrides)
-    write_checkpoint(directory, raw, random_state_dict(OpenELMConfig.from_dict(raw), seed=seed, std=0.08),
-                     max_shard_bytes=max_shard_bytes)
+    tensors = random_state_dict(OpenELMConfig.from_dict(raw), seed=seed, std=0.08)
+    if quiet_eos:
+        tensors["transformer.token_embeddings.weight"][raw["eos_token_id"]] = 0
+    write_checkpoint(directory, raw, tensors, max_shard_bytes=max_shard_bytes)
     return directory
 
 
@@ -93,7 +98,10 @@ def own_model_dir(tmp_path_factory, own_tokenizer_dir) -> Path:
     import sentencepiece
 
     vocab = sentencepiece.SentencePieceProcessor(model_file=str(own_tokenizer_dir / "tokenizer.model")).vocab_size()
-    return make_checkpoint(tmp_path_factory.mktemp("own-model") / "openelm-own", vocab_size=vocab)
+    # The published context (2048) and no early EOS, so that every server test runs on it as
+    # on the shared fixture.
+    return make_checkpoint(tmp_path_factory.mktemp("own-model") / "openelm-own", vocab_size=vocab,
+                           quiet_eos=True, max_context_length=2048)
 
 
 @pytest.fixture(scope="session")
