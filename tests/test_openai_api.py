@@ -909,13 +909,14 @@ def test_non_streamed_request_abandoned_by_the_client_stops_generating(busy_serv
     """A client that gives up (timeout, closed tab) while a non-streamed answer is made: the
     generation is cancelled within a poll or two. Tried several times, since a cancellation
     that lands just as a token arrives is the case that goes wrong."""
-    body = {"model": model_name, "prompt": "Hi", "max_tokens": 900, "temperature": 0}
+    body = {"model": model_name, "prompt": "Hi", "max_tokens": 1000, "temperature": 0}
     for attempt in range(12):
         assert wait_until_idle(busy_server, 30)
         with pytest.raises(httpx.TimeoutException):
             httpx.post(busy_server.url + "/v1/completions", json=body, timeout=0.3)
         started = time.monotonic()
-        stopped = wait_until_idle(busy_server, 1.0)
+        # A poll or two, with room for a loaded machine; running to the end takes far longer.
+        stopped = wait_until_idle(busy_server, 2.0)
         if not stopped:
             wait_until_idle(busy_server, 30)
         assert stopped, (f"attempt {attempt + 1}: the abandoned generation ran on for "
