@@ -101,7 +101,8 @@ class Streamed:
         return "".join(self.pieces.get(index, []))
 
 
-def collect_completion_stream(stream) -> Streamed:
+def _collect(stream, pieces_of) -> Streamed:
+    """Chunks of a stream by choice; ``pieces_of(chunk)`` gives (index, text or None, finish_reason)."""
     out = Streamed()
     for chunk in stream:
         out.chunks.append(chunk)
@@ -111,29 +112,24 @@ def collect_completion_stream(stream) -> Streamed:
             assert chunk.choices == []
             out.usage = chunk.usage
             continue
-        for choice in chunk.choices:
-            assert out.finish.get(choice.index) is None, f"choice {choice.index} continued after it finished"
-            out.pieces.setdefault(choice.index, []).append(choice.text)
-            out.finish[choice.index] = choice.finish_reason
+        for index, text, finish_reason in pieces_of(chunk):
+            assert out.finish.get(index) is None, f"choice {index} continued after it finished"
+            if text is not None:
+                out.pieces.setdefault(index, []).append(text)
+            out.finish[index] = finish_reason
     return out
+
+
+def collect_completion_stream(stream) -> Streamed:
+    return _collect(stream, lambda chunk: [(c.index, c.text, c.finish_reason) for c in chunk.choices])
 
 
 def collect_chat_stream(stream) -> Streamed:
-    out = Streamed()
-    for chunk in stream:
-        out.chunks.append(chunk)
-        out.ids.add(chunk.id)
-        assert out.usage is None, "nothing may follow the usage chunk"
-        if chunk.usage is not None:
-            assert chunk.choices == []
-            out.usage = chunk.usage
-            continue
+    def pieces_of(chunk):
         (choice,) = chunk.choices
-        assert out.finish.get(0) is None, "the answer continued after it finished"
-        if choice.delta.content is not None:
-            out.pieces.setdefault(0, []).append(choice.delta.content)
-        out.finish[0] = choice.finish_reason
-    return out
+        return [(0, choice.delta.content, choice.finish_reason)]
+
+    return _collect(stream, pieces_of)
 
 
 def assert_clean_pieces(pieces: list[str], full: str) -> None:

@@ -48,45 +48,29 @@ from pathlib import Path
 
 SHARDS = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
 
+# The real listing of LLM-Research/OpenELM-3B-Instruct; shakechen/Llama-2-7b-hf (a Llama-2-7b-hf
+# mirror) has the same file names, which is what makes a careless selection dangerous.
+PUBLISHED_FILES = [
+    ".gitattributes",
+    "LICENSE.txt",
+    "README.md",
+    "Responsible-Use-Guide.pdf",
+    "USE_POLICY.md",
+    "config.json",
+    "generation_config.json",
+    *SHARDS,
+    "model.safetensors.index.json",
+    "pytorch_model-00001-of-00002.bin",
+    "pytorch_model-00002-of-00002.bin",
+    "pytorch_model.bin.index.json",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+]
 REPO_FILES: dict[str, list[str]] = {
-    # The real listing of LLM-Research/OpenELM-3B-Instruct.
-    "LLM-Research/OpenELM-3B-Instruct": [
-        ".gitattributes",
-        "LICENSE.txt",
-        "README.md",
-        "Responsible-Use-Guide.pdf",
-        "USE_POLICY.md",
-        "config.json",
-        "generation_config.json",
-        *SHARDS,
-        "model.safetensors.index.json",
-        "pytorch_model-00001-of-00002.bin",
-        "pytorch_model-00002-of-00002.bin",
-        "pytorch_model.bin.index.json",
-        "special_tokens_map.json",
-        "tokenizer.json",
-        "tokenizer.model",
-        "tokenizer_config.json",
-    ],
-    # A realistic listing of shakechen/Llama-2-7b-hf (a Llama-2-7b-hf mirror).
-    "shakechen/Llama-2-7b-hf": [
-        ".gitattributes",
-        "LICENSE.txt",
-        "README.md",
-        "Responsible-Use-Guide.pdf",
-        "USE_POLICY.md",
-        "config.json",
-        "generation_config.json",
-        *SHARDS,
-        "model.safetensors.index.json",
-        "pytorch_model-00001-of-00002.bin",
-        "pytorch_model-00002-of-00002.bin",
-        "pytorch_model.bin.index.json",
-        "special_tokens_map.json",
-        "tokenizer.json",
-        "tokenizer.model",
-        "tokenizer_config.json",
-    ],
+    "LLM-Research/OpenELM-3B-Instruct": PUBLISHED_FILES,
+    "shakechen/Llama-2-7b-hf": PUBLISHED_FILES,
 }
 
 
