@@ -14,6 +14,7 @@ check that padding and masking change nothing.
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -75,6 +76,16 @@ class StaticDecoder:
             graph.replay()
         return logits[slots]
 
+    def capture_all(self) -> None:
+        """Capture every bucket now, so that no request waits for a capture while it is served."""
+        started = time.perf_counter()
+        for batch in self.batch_buckets:
+            for context in self.length_buckets:
+                if (batch, context) not in self.graphs:
+                    self._capture(batch, context)
+        log.info("captured %d CUDA graphs (batch %s x context %s) in %.1f s", len(self.graphs),
+                 self.batch_buckets, self.length_buckets, time.perf_counter() - started)
+
     def _capture(self, batch: int, context: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         # Warm-up on a side stream, as capture requires, then record the step once.
         stream = torch.cuda.Stream(self.device)
@@ -87,5 +98,5 @@ class StaticDecoder:
             logits = self._step(batch, context)
         self.pool = graph.pool()
         self.graphs[(batch, context)] = (graph, logits)
-        log.info("captured a CUDA graph for %d sequences x %d positions", batch, context)
+        log.debug("captured a CUDA graph for %d sequences x %d positions", batch, context)
         return graph, logits

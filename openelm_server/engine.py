@@ -118,6 +118,9 @@ class Engine:
         self.scheduler = Scheduler(self.kv_cache, config.max_queue, config.max_prefill_tokens)
         use_graphs = config.cuda_graphs and self.device.type == "cuda"
         self.static_decoder = StaticDecoder(model, self.kv_cache, capture=True) if use_graphs else None
+        if self.static_decoder is not None:
+            with torch.inference_mode():
+                self.static_decoder.capture_all()
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
         self._aborted: set[str] = set()

@@ -40,6 +40,7 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
     log_prompts: bool = True
     cuda_graphs: bool = True
+    compile: bool = True
     onednn_linear: bool = True
     shutdown_timeout: float = 30.0
     log_level: str = "info"
@@ -108,6 +109,8 @@ _OPTIONS: list[tuple[str, str, object, str]] = [
 _SWITCHES: list[tuple[str, str, str, str]] = [
     ("--log-prompts", "log_prompts", "LOG_PROMPTS", "log whole prompts and responses; --no-log-prompts shortens them"),
     ("--cuda-graphs", "cuda_graphs", "CUDA_GRAPHS", "on CUDA, replay decode steps as CUDA graphs; --no-cuda-graphs to debug"),
+    ("--compile", "compile", "COMPILE",
+     "on CUDA, fuse element-wise kernels with torch.compile at start-up (faster decode); --no-compile to skip"),
     ("--onednn-linear", "onednn_linear", "ONEDNN_LINEAR",
      "on the CPU in float32, run linear layers with oneDNN (faster); --no-onednn-linear for plain PyTorch"),
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -11,7 +12,7 @@ from .engine import Engine, EngineConfig
 from .kv_cache import KVCache
 from .chat import ChatTemplateError
 from .cpu_linear import can_use_onednn, use_onednn_linears
-from .openelm import CheckpointError, OpenELM, load_openelm
+from .openelm import CheckpointError, ForwardBatch, OpenELM, fuse_elementwise, load_openelm
 from .settings import Settings
 from .tokenizer import TokenizerError, load_tokenizer
 
@@ -69,6 +70,29 @@ def slots_that_fit(model: OpenELM, settings: Settings, device: torch.device, dty
     return min(settings.max_batch_size, fitting)
 
 
+def compile_elementwise(model: OpenELM) -> None:
+    """Fuse the element-wise kernels with torch.compile, or keep them unfused (slower, same
+    results) where it cannot run here (no Triton or no C compiler, say)."""
+    started = time.perf_counter()
+    fuse_elementwise(True)
+    device = model.transformer.token_embeddings.weight.device
+    cache = model.new_kv_cache(2, 8)
+    try:
+        with torch.inference_mode():
+            # One call per shape class: batch and length of 1 are compiled apart from larger ones.
+            for rows, length in ((1, 1), (2, 1), (1, 8), (2, 8)):
+                positions = torch.arange(length, device=device).expand(rows, length)
+                model(torch.ones(rows, length, dtype=torch.long, device=device),
+                      ForwardBatch.build(cache, list(range(rows)), positions))
+    except Exception as error:  # torch.compile fails in many ways on machines without its tools
+        fuse_elementwise(False)
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        log.warning("torch.compile cannot run here (%s); element-wise kernels stay unfused: decode is slower, "
+                    "results are the same; --no-compile skips this attempt", reason[:200])
+        return
+    log.info("element-wise kernels fused with torch.compile in %.1f s", time.perf_counter() - started)
+
+
 def build_engine(settings: Settings) -> tuple[Engine, object]:
     check_directories(settings)
     device = resolve_device(settings.device)
@@ -76,6 +100,8 @@ def build_engine(settings: Settings) -> tuple[Engine, object]:
     model = load_openelm(settings.model_path, device=device, dtype=dtype)
     if settings.onednn_linear and can_use_onednn(model):
         use_onednn_linears(model)
+    if settings.compile and device.type == "cuda":
+        compile_elementwise(model)
     tokenizer = load_tokenizer(settings.tokenizer_path)
     max_model_len = min(settings.max_model_len, model.config.max_context_length)
     if max_model_len < settings.max_model_len:

@@ -1,0 +1,363 @@
+"""The CUDA path, checked and timed in-process: what to run first on a GPU.
+
+    python bench/cuda_check.py                       # fixtures from ../shared/fixtures
+    python bench/cuda_check.py --fixtures DIR --out results.json --batches 1,8,32,64
+
+Correctness (each line says PASS or FAIL with its numbers):
+
+1. the shared fixture's reference, float32 on CUDA: every greedy token, and the last-position
+   logits within 1e-3 (TF32 stays off, as in the server);
+2. the same prompts through the :class:`Engine` with CUDA graphs, all in one batch: greedy tokens
+   equal the reference;
+3. bfloat16 against float32 on the 3B shape (random weights): relative logit error and top-1
+   agreement over a prefill and decode steps;
+4. the CUDA-graph decode step against the eager one on the 3B shape in bfloat16: the same logits.
+
+Timings (median of ``--repeats`` after warm-up, CUDA events): decode step at each batch size and
+context 512, graph and eager; prefill of 512 and 4 x 512 tokens; the bandwidth roofline; the
+kernels of one decode step by GPU time. Then all of it again with the element-wise kernels fused
+by torch.compile, as the server runs by default (``--no-compile`` to skip).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from openelm_server.cuda_graphs import StaticDecoder  # noqa: E402
+from openelm_server.engine import Engine, EngineConfig  # noqa: E402
+from openelm_server.openelm import ForwardBatch, OpenELM, OpenELMConfig, load_openelm, published_config  # noqa: E402
+from openelm_server.sampling import SamplingParams  # noqa: E402
+from openelm_server.startup import compile_elementwise  # noqa: E402
+from openelm_server.tokenizer import load_tokenizer  # noqa: E402
+
+results: dict = {"checks": [], "timings": []}
+
+
+def report(name: str, passed: bool, **numbers) -> None:
+    results["checks"].append({"check": name, "passed": passed, **numbers})
+    shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in numbers.items())
+    print(f"{'PASS' if passed else 'FAIL'}  {name}: {shown}", flush=True)
+
+
+def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    value, reference = value.double(), reference.double()
+    return float((value - reference).norm() / reference.norm())
+
+
+@torch.inference_mode()
+def greedy(model: OpenELM, prompts: list[list[int]], new_tokens: int) -> tuple[list[list[int]], torch.Tensor]:
+    """Greedy continuations decoded together through the KV cache (eager), and the first logits."""
+    device = model.rope_cos.device
+    cache = model.new_kv_cache(len(prompts), max(len(p) for p in prompts) + new_tokens)
+    longest = max(len(p) for p in prompts)
+    tokens = torch.zeros(len(prompts), longest, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        tokens[row, :len(prompt)] = torch.tensor(prompt)
+    positions = torch.arange(longest).expand(len(prompts), longest).to(device)
+    slots = list(range(len(prompts)))
+    hidden = model(tokens.to(device), ForwardBatch.build(cache, slots, positions))
+    last = hidden[torch.arange(len(prompts), device=device), torch.tensor([len(p) - 1 for p in prompts], device=device)]
+    first_logits = model.logits(last).float()
+    outputs = [[int(t)] for t in first_logits.argmax(-1)]
+    for _ in range(new_tokens - 1):
+        step_positions = torch.tensor([len(p) + len(o) - 1 for p, o in zip(prompts, outputs)], device=device)
+        step = ForwardBatch.build(cache, slots, step_positions.unsqueeze(1))
+        logits = model.logits(model(torch.tensor([o[-1] for o in outputs], device=device).unsqueeze(1), step)[:, -1])
+        for output, token in zip(outputs, logits.argmax(-1).tolist()):
+            output.append(token)
+    return outputs, first_logits
+
+
+def engine_greedy(engine: Engine, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """Submit every prompt at once, so that they prefill and decode as one batch."""
+    outputs = [[] for _ in prompts]
+    done = threading.Semaphore(0)
+
+    def deliver_to(row: int):
+        def deliver(event):
+            if event.error is not None:
+                raise RuntimeError(f"prompt {row} failed: {event.error}")
+            outputs[row].extend(event.token_ids)
+            if event.finish_reason is not None:
+                done.release()
+        return deliver
+
+    for row, prompt in enumerate(prompts):
+        engine.submit(prompt, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True), deliver_to(row))
+    for _ in prompts:
+        if not done.acquire(timeout=120):
+            raise TimeoutError("the engine did not finish the reference prompts in 120 s")
+    return outputs
+
+
+def check_reference(fixtures: Path, device: torch.device, label: str = "") -> None:
+    model_dir, tokenizer_dir = fixtures / "openelm-tiny", fixtures / "llama2-tokenizer"
+    if not (model_dir / "reference.json").is_file():
+        print(f"SKIP  reference checks: {model_dir}/reference.json not found", flush=True)
+        return
+    reference = json.loads((model_dir / "reference.json").read_text())
+    cases = reference["cases"]
+    prompts = [c["prompt_ids"] for c in cases]
+    new_tokens = len(cases[0]["greedy_ids"])
+    model = load_openelm(model_dir, device=device, dtype=torch.float32, show_progress=False)
+    outputs, first_logits = greedy(model, prompts, new_tokens)
+    token_matches = sum(o == c["greedy_ids"] for o, c in zip(outputs, cases))
+    logit_error = max(
+        float((first_logits[row, :len(c["last_logits_head"])].cpu() - torch.tensor(c["last_logits_head"])).abs().max())
+        for row, c in enumerate(cases))
+    report(f"float32 CUDA reproduces the shared reference (eager, batched){label}",
+           token_matches == len(cases) and logit_error < 1e-3,
+           prompts_exact=f"{token_matches}/{len(cases)}", max_logit_abs_error=logit_error)
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    engine = Engine(model, tokenizer, EngineConfig(max_batch_size=8, max_model_len=256, cuda_graphs=True))
+    engine.start()
+    try:
+        engine_outputs = engine_greedy(engine, prompts, new_tokens)
+        graphs = len(engine.static_decoder.graphs) if engine.static_decoder else 0
+    finally:
+        engine.shutdown()
+    matches = sum(o == c["greedy_ids"] for o, c in zip(engine_outputs, cases))
+    report(f"float32 CUDA engine with CUDA graphs reproduces the shared reference{label}",
+           matches == len(cases) and graphs > 0, prompts_exact=f"{matches}/{len(cases)}", graphs_captured=graphs)
+
+    bf16 = load_openelm(model_dir, device=device, dtype=torch.bfloat16, show_progress=False)
+    bf16_outputs, bf16_logits = greedy(bf16, prompts, new_tokens)
+    agreeing = sum(sum(a == b for a, b in zip(o, c["greedy_ids"])) for o, c in zip(bf16_outputs, cases))
+    first_error = relative_error(bf16_logits, first_logits)
+    top1 = float((bf16_logits.argmax(-1) == first_logits.argmax(-1)).float().mean())
+    report(f"bfloat16 CUDA against float32 on the shared fixture{label}", first_error < 2e-2,
+           first_logits_rel_error=first_error, first_top1_agreement=top1,
+           greedy_tokens_equal=f"{agreeing}/{len(cases) * new_tokens}")
+
+
+def random_model(config: OpenELMConfig, dtype: torch.dtype, device: torch.device, seed: int = 0) -> OpenELM:
+    """Random weights made on the GPU in float32 then cast, so both precisions share them."""
+    with torch.device("meta"):
+        model = OpenELM(config)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for name, parameter in list(model.named_parameters()):
+        tensor = torch.randn(parameter.shape, generator=generator, device=device)
+        tensor = 1.0 + 0.1 * tensor if name.endswith("norm.weight") else 0.02 * tensor
+        tensor = tensor.to(torch.bfloat16)  # as published: both precisions then hold the same weights
+        module_name, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(module_name), attribute, torch.nn.Parameter(tensor.to(dtype), requires_grad=False))
+    model.rope_tables(device)
+    return model.eval()
+
+
+def check_3b_precision(config: OpenELMConfig, device: torch.device) -> OpenELM:
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, config.vocab_size, (n,), generator=generator).tolist() for n in (17, 64, 200, 511)]
+    new_tokens = 8
+    float32 = random_model(config, torch.float32, device)
+    f32_outputs, f32_logits = greedy(float32, prompts, new_tokens)
+    check_graph_against_eager(float32, device, "float32", 1e-4)
+    del float32
+    torch.cuda.empty_cache()
+    bf16 = random_model(config, torch.bfloat16, device)
+    bf16_outputs, bf16_logits = greedy(bf16, prompts, new_tokens)
+    error = relative_error(bf16_logits, f32_logits)
+    print("logit std (float32 prefill):", float(f32_logits.std()), "top-2 margin median:",
+          float((f32_logits.topk(2).values[:, 0] - f32_logits.topk(2).values[:, 1]).median()), flush=True)
+    top1 = float((bf16_logits.argmax(-1) == f32_logits.argmax(-1)).float().mean())
+    agreeing = sum(sum(a == b for a, b in zip(x, y)) for x, y in zip(bf16_outputs, f32_outputs))
+    # The error grows with depth (1.5% over the fixture's 4 layers): 36 layers of random weights
+    # give near-flat logits whose top-2 margins are under bfloat16's resolution.
+    report("bfloat16 against float32 on the 3B shape (random weights, 36 layers)", error < 1e-1,
+           prefill_logits_rel_error=error, prefill_top1_agreement=top1,
+           greedy_tokens_equal=f"{agreeing}/{len(prompts) * new_tokens}")
+    check_graph_against_eager(bf16, device, "bfloat16", 2e-2)
+    return bf16
+
+
+@torch.inference_mode()
+def check_graph_against_eager(model: OpenELM, device: torch.device, dtype_name: str, tolerance: float) -> None:
+    batch, context = 8, 300
+    cache = model.new_kv_cache(batch, 512)
+    generator = torch.Generator().manual_seed(2)
+    prompt = torch.randint(3, model.config.vocab_size, (batch, context), generator=generator).to(device)
+    positions = torch.arange(context, device=device).expand(batch, context)
+    model(prompt, ForwardBatch.build(cache, list(range(batch)), positions))
+    slots = [0, 2, 3, 5]  # not consecutive: graphs decode a prefix of slots and pick rows
+    tokens = [11, 22, 33, 44]
+    step_positions = [context, context - 7, context, context - 100]
+    eager_step = ForwardBatch.build(cache, slots, torch.tensor(step_positions, device=device).unsqueeze(1))
+    eager = model.logits(model(torch.tensor(tokens, device=device).unsqueeze(1), eager_step)[:, -1]).float()
+    graphed = StaticDecoder(model, cache, capture=True).decode(slots, tokens, step_positions).float()
+    error = relative_error(graphed, eager)
+    report(f"CUDA-graph decode equals eager decode (3B shape, {dtype_name}, scattered slots)",
+           error < tolerance, logits_rel_error=error,
+           top1_equal=int((graphed.argmax(-1) == eager.argmax(-1)).sum()))
+
+
+def cuda_time(fn, repeats: int) -> float:
+    """Median milliseconds of ``fn`` between CUDA events, after two warm-up calls."""
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def time_steps(model: OpenELM, batches: list[int], context: int, repeats: int, bandwidth_gb_s: float) -> None:
+    device = model.rope_cos.device
+    slots = max(batches)
+    cache = model.new_kv_cache(slots, 1024)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    static = StaticDecoder(model, cache, capture=True)
+    for batch in batches:
+        tokens = list(range(100, 100 + batch))
+        positions = [context - 1] * batch
+        rows = list(range(batch))
+        graph_ms = cuda_time(lambda: static.decode(rows, tokens, positions), repeats)
+
+        def eager():
+            step = ForwardBatch.build(cache, rows, torch.tensor(positions, device=device).unsqueeze(1))
+            return model.logits(model(torch.tensor(tokens, device=device).unsqueeze(1), step)[:, -1])
+
+        eager_ms = cuda_time(eager, repeats)
+        kv_bytes = cache.bytes_needed(model.config.num_kv_heads, model.config.head_dim, batch, context + 1,
+                                      cache.keys[0].dtype)
+        floor_ms = (weight_bytes + kv_bytes) / (bandwidth_gb_s * 1e9) * 1e3
+        row = {"what": "decode step", "batch": batch, "context": context, "graph_ms": graph_ms, "eager_ms": eager_ms,
+               "graph_tok_s": batch / graph_ms * 1e3, "bandwidth_floor_ms": floor_ms,
+               "graph_vs_floor": floor_ms / graph_ms}
+        results["timings"].append(row)
+        print(f"decode  batch {batch:3d} @ {context}: graph {graph_ms:7.2f} ms ({row['graph_tok_s']:7.0f} tok/s), "
+              f"eager {eager_ms:7.2f} ms, floor {floor_ms:6.2f} ms ({row['graph_vs_floor']:.0%} of roofline)",
+              flush=True)
+    for rows_count, length in ((1, 512), (4, 512), (1, 2000)):
+        tokens = torch.randint(3, model.config.vocab_size, (rows_count, length), device=device)
+        positions = torch.arange(length, device=device).expand(rows_count, length)
+        prefill_cache = model.new_kv_cache(rows_count, length)
+
+        def prefill():
+            step = ForwardBatch.build(prefill_cache, list(range(rows_count)), positions)
+            return model.logits(model(tokens, step)[:, -1])
+
+        ms = cuda_time(prefill, max(3, repeats // 4))
+        flops = 2 * sum(p.numel() for p in model.parameters()) * rows_count * length
+        row = {"what": "prefill", "batch": rows_count, "tokens": length, "ms": ms,
+               "tok_s": rows_count * length / ms * 1e3, "tflop_s_linear": flops / ms / 1e9}
+        results["timings"].append(row)
+        print(f"prefill {rows_count} x {length}: {ms:7.1f} ms ({row['tok_s']:8.0f} tok/s, "
+              f"{row['tflop_s_linear']:.0f} TFLOP/s in the weights' matmuls)", flush=True)
+
+
+@torch.inference_mode()
+def profile_decode(model: OpenELM, batch: int, context: int) -> None:
+    """The kernels of one eager decode step (a graph replays the same kernels), by GPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = model.rope_cos.device
+    cache = model.new_kv_cache(batch, context + 1)
+    rows = list(range(batch))
+    tokens = torch.arange(100, 100 + batch, device=device).unsqueeze(1)
+    positions = torch.full((batch, 1), context - 1, device=device)
+
+    def eager():
+        return model.logits(model(tokens, ForwardBatch.build(cache, rows, positions))[:, -1])
+
+    eager()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        eager()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    busy_us = sum(e.device_time for e in kernels)
+    print(f"profile: decode batch {batch} @ {context}: {len(kernels)} kernels, {busy_us / 1e3:.2f} ms of GPU time",
+          flush=True)
+    print(prof.key_averages().table(sort_by="device_time_total", row_limit=22, max_name_column_width=70), flush=True)
+    results["profile"] = {"batch": batch, "context": context, "kernels": len(kernels), "gpu_ms": busy_us / 1e3}
+
+
+@torch.inference_mode()
+def check_fused_against_unfused(model: OpenELM, unfused_logits: torch.Tensor, prompt: torch.Tensor) -> None:
+    fused_logits = prefill_logits(model, prompt)
+    error = relative_error(fused_logits, unfused_logits)
+    report("fused element-wise kernels equal unfused ones (3B shape, bfloat16, prefill)", error < 2e-2,
+           logits_rel_error=error)
+
+
+@torch.inference_mode()
+def prefill_logits(model: OpenELM, prompt: torch.Tensor) -> torch.Tensor:
+    rows, length = prompt.shape
+    cache = model.new_kv_cache(rows, length)
+    positions = torch.arange(length, device=prompt.device).expand(rows, length)
+    return model.logits(model(prompt, ForwardBatch.build(cache, list(range(rows)), positions))[:, -1]).float()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fixtures", default=str(ROOT.parent / "shared" / "fixtures"))
+    parser.add_argument("--size", default="3B", choices=("270M", "450M", "1_1B", "3B"))
+    parser.add_argument("--batches", default="1,8,32,64")
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--out", default=None, help="write the results as JSON")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="then fuse the element-wise kernels as the server does, check and time again")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("no CUDA device: this script checks the CUDA path", file=sys.stderr)
+        return 2
+    device = torch.device("cuda")
+    results["device"] = torch.cuda.get_device_name(device)
+    results["torch"] = torch.__version__
+    print(f"{results['device']}, torch {torch.__version__}, CUDA {torch.version.cuda}", flush=True)
+    started = time.perf_counter()
+    check_reference(Path(args.fixtures), device)
+    config = OpenELMConfig.from_dict(published_config(args.size))
+    model = check_3b_precision(config, device)
+    from bench.bandwidth import measure_bandwidth
+
+    bandwidth = measure_bandwidth(device="cuda")
+    results["bandwidth"] = bandwidth
+    read = max(bandwidth["read"]["best_gb_s"], bandwidth["copy"]["best_gb_s"] / 2)
+    print(f"bandwidth: read {bandwidth['read']['best_gb_s']:.0f}, copy {bandwidth['copy']['best_gb_s']:.0f}, "
+          f"gemv {bandwidth['gemv']['best_gb_s']:.0f} GB/s", flush=True)
+    batches = [int(b) for b in args.batches.split(",")]
+    profile_decode(model, 1, args.context)
+    time_steps(model, batches, args.context, args.repeats, read)
+    if args.compile:
+        prompt = torch.randint(3, config.vocab_size, (2, 100), device=device)
+        unfused = prefill_logits(model, prompt)
+        started_compile = time.perf_counter()
+        compile_elementwise(model)
+        print(f"element-wise kernels fused with torch.compile in {time.perf_counter() - started_compile:.1f} s",
+              flush=True)
+        check_fused_against_unfused(model, unfused, prompt)
+        check_reference(Path(args.fixtures), device, " (fused)")
+        profile_decode(model, 1, args.context)
+        time_steps(model, batches, args.context, args.repeats, read)
+    results["seconds"] = time.perf_counter() - started
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+    failed = [c["check"] for c in results["checks"] if not c["passed"]]
+    print(f"{len(results['checks']) - len(failed)} passed, {len(failed)} failed", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
