@@ -302,14 +302,16 @@ def check_fused_against_float32(model: OpenELM, prompts: list, f32_logits: torch
            error <= unfused_error * 1.1, fused_rel_error=error, unfused_rel_error=unfused_error)
 
 
-def probe_time_to_first_token(model: OpenELM, tokenizer, prompt_length: int = 400) -> None:
-    """Time from submit to the first token inside the engine, after an idle pause (the engine
-    empties the CUDA cache when idle) and back to back, against the bare prefill."""
+def probe_time_to_first_token(model: OpenELM, tokenizer) -> None:
+    """Time from submit to the first token inside the engine, for prompts of new lengths (as a
+    server sees them) and of a length seen before, after an idle pause (the engine empties the
+    CUDA cache when idle) and back to back."""
     engine = Engine(model, tokenizer, EngineConfig(max_batch_size=4, max_model_len=1024, cuda_graphs=True))
     engine.start()
-    prompt = torch.randint(3, model.config.vocab_size, (prompt_length,)).tolist()
     try:
-        for pause in (0.0, 1.0, 0.0, 1.0, 0.0, 1.0):
+        for prompt_length, pause in ((400, 0.0), (400, 1.0), (400, 0.0), (401, 0.0), (250, 1.0), (123, 0.0),
+                                     (456, 0.0), (399, 1.0)):
+            prompt = torch.randint(3, model.config.vocab_size, (prompt_length,)).tolist()
             time.sleep(pause)
             first, done = threading.Event(), threading.Event()
             stamps = {}
@@ -343,7 +345,7 @@ def main(argv=None) -> int:
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--out", default=None, help="write the results as JSON")
-    parser.add_argument("--quick", action="store_true", help="checks only: no kernel profile, no step timings")
+    parser.add_argument("--quick", action="store_true", help="no kernel profiles, and step timings only as served")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="then fuse the element-wise kernels as the server does, check and time again")
     args = parser.parse_args(argv)
@@ -378,7 +380,7 @@ def main(argv=None) -> int:
         check_reference(Path(args.fixtures), device, " (fused)")
         if not args.quick:
             profile_decode(model, 1, args.context)
-            time_steps(model, batches, args.context, args.repeats, read)
+        time_steps(model, batches, args.context, args.repeats, read)
     tokenizer_dir = Path(args.fixtures) / "llama2-tokenizer"
     if tokenizer_dir.is_dir():
         probe_time_to_first_token(model, load_tokenizer(tokenizer_dir))

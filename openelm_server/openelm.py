@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .kv_cache import KVCache
 
@@ -195,6 +196,12 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
+# Not cuDNN's attention: it builds an execution plan for every new shape, and OpenELM's layers
+# differ in head count, so each new prompt length cost 36 plans, about 300 ms before the first
+# token on an H100. The memory-efficient kernel takes the mask with no per-shape set-up.
+ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 def grouped_query_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                             mask: torch.Tensor) -> torch.Tensor:
     """Attention where each KV head serves a group of consecutive query heads.
@@ -206,12 +213,12 @@ def grouped_query_attention(queries: torch.Tensor, keys: torch.Tensor, values: t
     batch, query_heads, length, dim = queries.shape
     kv_heads = keys.shape[1]
     group = query_heads // kv_heads
-    if group == 1:
-        return F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask)
-    folded = queries.reshape(batch, kv_heads, group * length, dim)
-    context = mask.shape[-1]
-    folded_mask = mask.unsqueeze(2).expand(batch, 1, group, length, context).reshape(batch, 1, group * length, context)
-    attended = F.scaled_dot_product_attention(folded, keys, values, attn_mask=folded_mask)
+    if group > 1:
+        queries = queries.reshape(batch, kv_heads, group * length, dim)
+        context = mask.shape[-1]
+        mask = mask.unsqueeze(2).expand(batch, 1, group, length, context).reshape(batch, 1, group * length, context)
+    with sdpa_kernel(ATTENTION_BACKENDS):
+        attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask)
     return attended.reshape(batch, query_heads, length, dim)
 
 
