@@ -52,3 +52,17 @@ def use_onednn_linears(model: OpenELM) -> None:
     if model.lm_head is None:
         model.lm_head = OneDnnLinear(model.transformer.token_embeddings.weight)
     log.info("linear layers use oneDNN with reordered weights (CPU, float32)")
+
+
+def use_plain_linears(model: OpenELM) -> None:
+    """Undo :func:`use_onednn_linears`: plain ``nn.Linear`` layers with dense weights again."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, OneDnnLinear):
+                weight = child.weight.to_dense()
+                with torch.device("meta"):
+                    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+                linear.weight = nn.Parameter(weight, requires_grad=False)
+                setattr(module, name, linear)
+    if model.config.share_input_output_layers:
+        model.lm_head = None

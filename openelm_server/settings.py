@@ -41,7 +41,7 @@ class Settings:
     log_prompts: bool = True
     cuda_graphs: bool = True
     compile: bool = True
-    onednn_linear: bool = True
+    onednn_linear: bool | None = None  # None: timed against PyTorch's at start-up
     shutdown_timeout: float = 30.0
     log_level: str = "info"
 
@@ -112,7 +112,8 @@ _SWITCHES: list[tuple[str, str, str, str]] = [
     ("--compile", "compile", "COMPILE",
      "on CUDA, fuse element-wise kernels with torch.compile at start-up (faster decode); --no-compile to skip"),
     ("--onednn-linear", "onednn_linear", "ONEDNN_LINEAR",
-     "on the CPU in float32, run linear layers with oneDNN (faster); --no-onednn-linear for plain PyTorch"),
+     "on the CPU in float32, linear layers with oneDNN (--onednn-linear) or PyTorch's (--no-onednn-linear); "
+     "unset, both are timed at start-up and the faster kept"),
 ]
 
 

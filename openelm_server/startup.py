@@ -12,6 +12,7 @@ from .engine import Engine, EngineConfig
 from .kv_cache import KVCache
 from .chat import ChatTemplateError
 from .cpu_linear import can_use_onednn, use_onednn_linears
+from .linear_choice import choose_linear_kernels
 from .openelm import CheckpointError, ForwardBatch, OpenELM, fuse_elementwise, load_openelm
 from .settings import Settings
 from .tokenizer import TokenizerError, load_tokenizer
@@ -98,8 +99,11 @@ def build_engine(settings: Settings) -> tuple[Engine, object]:
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     model = load_openelm(settings.model_path, device=device, dtype=dtype)
-    if settings.onednn_linear and can_use_onednn(model):
-        use_onednn_linears(model)
+    if can_use_onednn(model):
+        if settings.onednn_linear is None:
+            choose_linear_kernels(model)
+        elif settings.onednn_linear:
+            use_onednn_linears(model)
     if settings.compile and device.type == "cuda":
         compile_elementwise(model)
     tokenizer = load_tokenizer(settings.tokenizer_path)
