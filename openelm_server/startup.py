@@ -9,9 +9,10 @@ import torch
 
 from .engine import Engine, EngineConfig
 from .kv_cache import KVCache
-from .chat import ChatTemplateError
+from .chat import ChatTemplate, ChatTemplateError
 from .cpu_linear import can_use_onednn, use_onednn_linears
-from .openelm import CheckpointError, OpenELM, load_openelm
+from .listen import ListenError
+from .openelm import CheckpointError, OpenELM, OpenELMConfig, checkpoint_files, load_openelm
 from .settings import Settings
 from .tokenizer import TokenizerError, load_tokenizer
 
@@ -24,7 +25,7 @@ class StartupError(Exception):
     """A problem that stops the server before it serves; the message is one clear line."""
 
 
-STARTUP_ERRORS = (StartupError, CheckpointError, TokenizerError, ChatTemplateError)
+STARTUP_ERRORS = (StartupError, ListenError, CheckpointError, TokenizerError, ChatTemplateError)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -55,6 +56,15 @@ def check_directories(settings: Settings) -> None:
             raise StartupError(f"{label} directory {path} not found: run `bash download.sh` or pass {flag}")
 
 
+def check_model_files(settings: Settings) -> OpenELMConfig:
+    """config.json and the safetensors files, read before the weights: a wrong directory is
+    reported in a second, not after minutes of loading."""
+    model_dir = Path(settings.model_path)
+    config = OpenELMConfig.from_dir(model_dir)
+    checkpoint_files(model_dir)
+    return config
+
+
 def slots_that_fit(model: OpenELM, settings: Settings, device: torch.device, dtype: torch.dtype) -> int:
     """KV-cache slots: --max-batch-size, lowered to fit --gpu-memory-utilization on CUDA."""
     if settings.gpu_memory_utilization is None or device.type != "cuda":
@@ -70,13 +80,19 @@ def slots_that_fit(model: OpenELM, settings: Settings, device: torch.device, dty
 
 
 def build_engine(settings: Settings) -> tuple[Engine, object]:
+    """Every check that can fail runs before the model loads; loading the 3B model takes minutes."""
     check_directories(settings)
+    model_config = check_model_files(settings)
+    tokenizer = load_tokenizer(settings.tokenizer_path)
+    if len(tokenizer) > model_config.vocab_size:
+        raise StartupError(f"the tokenizer in {settings.tokenizer_path} has {len(tokenizer)} tokens, more than the "
+                           f"model's {model_config.vocab_size}: --tokenizer-path must be the Llama-2 tokenizer")
+    ChatTemplate.choose(settings.chat_template, tokenizer)
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     model = load_openelm(settings.model_path, device=device, dtype=dtype)
     if settings.onednn_linear and can_use_onednn(model):
         use_onednn_linears(model)
-    tokenizer = load_tokenizer(settings.tokenizer_path)
     max_model_len = min(settings.max_model_len, model.config.max_context_length)
     if max_model_len < settings.max_model_len:
         log.warning("--max-model-len %d is beyond the model's context; using %d", settings.max_model_len, max_model_len)
