@@ -101,6 +101,7 @@ require_hub() {
         port=${address##*:}
         address=${address%:*}
     fi
+    # shellcheck disable=SC2016 # $1 and $2 are the inner shell's arguments
     if ! timeout 10 "$BASH" -c 'exec 3<>"/dev/tcp/$1/$2"' probe "$address" "$port" 2>/dev/null; then
         die "cannot reach the ModelScope hub at $address:$port ($ENDPOINT), so nothing can be downloaded." \
             "Check this machine's network (or MODELSCOPE_ENDPOINT, if you set it), then run this script again."
