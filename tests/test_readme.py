@@ -25,12 +25,15 @@ def readme_server(start_server, serving_dirs):
     return start_server(*serving_dirs, "--max-batch-size", "4")
 
 
-def test_readme_has_the_examples_the_issue_asks_for():
+def test_readme_has_the_examples_people_copy():
     assert any(lang == "bash" and "curl" in code and '"prompt"' in code for lang, code in EXAMPLES)
     assert any(lang == "python" and "requests.post" in code for lang, code in EXAMPLES)
     assert any(lang == "python" and "from openai import OpenAI" in code for lang, code in EXAMPLES)
     assert "pip install -r requirements.txt" in README and "bash download.sh && python api.py" in README
     assert "python -m pytest -q" in README
+    # The CPU install and the demo (tests/test_startup.py runs it).
+    assert "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in README
+    assert "python api.py --demo" in README
 
 
 @pytest.mark.parametrize("language, code", EXAMPLES, ids=[f"{lang}-{i}" for i, (lang, _) in enumerate(EXAMPLES)])
