@@ -34,6 +34,10 @@ DEMO_MODEL_NAME = "OpenELM-demo"
 DEMO_TOKENIZER_NAME = "tokenizer"
 
 
+class DemoError(Exception):
+    """The demo's files cannot be made; the message is one line."""
+
+
 def tiny_config(vocab_size: int, **overrides) -> dict:
     """A small OpenELM config as the published config code would write it: layers with
     different head counts and GQA."""
@@ -89,9 +93,13 @@ def prepare_demo(directory: Path | None = None) -> tuple[Path, Path]:
     model_dir, tokenizer_dir = directory / DEMO_MODEL_NAME, directory / DEMO_TOKENIZER_NAME
     if (model_dir / "config.json").is_file() and (tokenizer_dir / "tokenizer.model").is_file():
         return model_dir, tokenizer_dir
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    # Built aside and renamed into place, so that an interrupted run never leaves half a demo.
-    building = Path(tempfile.mkdtemp(prefix="demo-", dir=directory.parent))
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        # Built aside and renamed into place, so that an interrupted run never leaves half a demo.
+        building = Path(tempfile.mkdtemp(prefix="demo-", dir=directory.parent))
+    except OSError as error:
+        raise DemoError(f"{directory.parent}: cannot write the demo model there ({error.strerror}); "
+                        f"set XDG_CACHE_HOME to a writable folder") from error
     try:
         train_tokenizer(building / DEMO_TOKENIZER_NAME)
         vocab = sentencepiece.SentencePieceProcessor(

@@ -11,6 +11,7 @@ from .engine import Engine, EngineConfig
 from .kv_cache import KVCache
 from .chat import ChatTemplate, ChatTemplateError
 from .cpu_linear import can_use_onednn, use_onednn_linears
+from .demo import DemoError
 from .listen import ListenError
 from .openelm import CheckpointError, OpenELM, OpenELMConfig, checkpoint_files, load_openelm
 from .settings import Settings
@@ -25,7 +26,7 @@ class StartupError(Exception):
     """A problem that stops the server before it serves; the message is one clear line."""
 
 
-STARTUP_ERRORS = (StartupError, ListenError, CheckpointError, TokenizerError, ChatTemplateError)
+STARTUP_ERRORS = (StartupError, ListenError, CheckpointError, TokenizerError, ChatTemplateError, DemoError)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -80,7 +81,7 @@ def slots_that_fit(model: OpenELM, settings: Settings, device: torch.device, dty
 
 
 def build_engine(settings: Settings) -> tuple[Engine, object]:
-    """Every check that can fail runs before the model loads; loading the 3B model takes minutes."""
+    """The checks that need no weights run before the model loads, which takes minutes for 3B."""
     check_directories(settings)
     model_config = check_model_files(settings)
     tokenizer = load_tokenizer(settings.tokenizer_path)

@@ -188,6 +188,13 @@ def test_demo_serves_without_a_download(start_server, tmp_path):
     assert (demo_dir / "tokenizer" / "tokenizer.model").is_file()
 
 
+def test_demo_where_nothing_can_be_written(tmp_path):
+    not_a_folder = tmp_path / "cache"
+    not_a_folder.write_text("a file where the cache folder should be")
+    result = run_api("--demo", "--port", str(free_port()), env={"XDG_CACHE_HOME": str(not_a_folder)})
+    assert_one_error_line(result, "cannot write the demo model", "XDG_CACHE_HOME")
+
+
 def test_demo_files_are_made_once(tmp_path):
     from openelm_server.demo import prepare_demo
 
