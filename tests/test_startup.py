@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import requests
@@ -36,6 +37,15 @@ def assert_one_error_line(result: subprocess.CompletedProcess, *expected: str) -
 def served(serving_dirs, *flags: str) -> list[str]:
     model_dir, tokenizer_dir = serving_dirs
     return ["--model-path", str(model_dir), "--tokenizer-path", str(tokenizer_dir), "--host", "127.0.0.1", *flags]
+
+
+def log_lines_when_there(server, wanted, timeout: float = 10.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = [line for line in server.log().splitlines() if wanted(line)]
+        if lines or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.1)
 
 
 # ---- settings and --help ------------------------------------------------------------------------
@@ -159,7 +169,8 @@ def test_access_log_gives_the_reason_of_an_error(server):
     response = requests.post(server.url, json={"prompt": 3}, timeout=30)
     assert response.status_code == 400
     request_id = response.headers["x-request-id"]
-    access = [line for line in server.log().splitlines() if request_id in line and "openelm_server.access" in line]
+    # The access line is written once the response has gone out, so it may follow the client's read.
+    access = log_lines_when_there(server, lambda line: request_id in line and "openelm_server.access" in line)
     assert len(access) == 1
     assert '"POST /" 400' in access[0] and "(prompt: Input should be a valid string)" in access[0]
 
