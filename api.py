@@ -16,7 +16,7 @@ import sys
 
 import uvicorn
 
-from openelm_server.listen import where_to_open
+from openelm_server.listen import bind_socket, where_to_open
 from openelm_server.settings import Settings, load_settings
 
 log = logging.getLogger("openelm_server")
@@ -68,7 +68,6 @@ def main(settings: Settings) -> int:
     # seconds it takes to import torch and transformers.
     from openelm_server.app import create_app
     from openelm_server.demo import prepare_demo
-    from openelm_server.listen import bind_socket
     from openelm_server.startup import STARTUP_ERRORS, build_engine
 
     configure_logging(settings.log_level)
