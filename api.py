@@ -3,32 +3,60 @@
     pip install -r requirements.txt
     bash download.sh && python api.py
 
-``python api.py --help`` lists every setting. See README.md.
+``python api.py --help`` lists every setting; ``python api.py --demo`` serves a tiny
+random-weight model without the download. See README.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import sys
 
 import uvicorn
 
-from openelm_server.app import create_app
-from openelm_server.middleware import RequestIdFilter
+from openelm_server.listen import bind_socket, where_to_open
 from openelm_server.settings import Settings, load_settings
-from openelm_server.startup import STARTUP_ERRORS, build_engine
 
 log = logging.getLogger("openelm_server")
 
 
+class UvicornLoggerName(logging.Filter):
+    """uvicorn logs its normal start-up and shutdown lines as ``uvicorn.error``, which reads
+    like trouble; they are shown as ``uvicorn``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "uvicorn.error":
+            record.name = "uvicorn"
+        return True
+
+
 def configure_logging(level: str) -> None:
+    from openelm_server.middleware import RequestIdFilter
+
     handler = logging.StreamHandler(sys.stdout)
     handler.addFilter(RequestIdFilter())
+    handler.addFilter(UvicornLoggerName())
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(request_id)s] %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server on the socket bound before loading; once it listens, it says which
+    address to open (uvicorn itself would print the unopenable http://0.0.0.0:6006)."""
+
+    def __init__(self, config: uvicorn.Config, settings: Settings):
+        super().__init__(config)
+        self.settings = settings
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        log.info("serving %s", self.settings.model_name)
+        for line in where_to_open(self.settings.host, self.settings.port):
+            log.info("%s", line)
 
 
 def exit_cleanly(signum, frame) -> None:
@@ -36,12 +64,24 @@ def exit_cleanly(signum, frame) -> None:
 
 
 def main(settings: Settings) -> int:
+    # Imported only now, so that --help and a bad flag answer at once instead of after the
+    # seconds it takes to import torch and transformers.
+    from openelm_server.app import create_app
+    from openelm_server.demo import prepare_demo
+    from openelm_server.startup import STARTUP_ERRORS, build_engine
+
     configure_logging(settings.log_level)
     # uvicorn drains requests on SIGTERM/SIGINT, then raises the signal again for the handler
     # it found; ours makes that a clean exit (status 0) instead of death by signal.
     for stop_signal in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop_signal, exit_cleanly)
     try:
+        if settings.demo:
+            model_dir, tokenizer_dir = prepare_demo()
+            log.info("demo: a tiny random-weight model (its answers are gibberish) from %s", model_dir.parent)
+            settings = dataclasses.replace(settings, model_path=str(model_dir), tokenizer_path=str(tokenizer_dir))
+        # The port is taken before the model loads, so that a busy port is reported at once.
+        sock = bind_socket(settings.host, settings.port)
         engine, tokenizer = build_engine(settings)
         app = create_app(settings, engine, tokenizer)
     except STARTUP_ERRORS as error:
@@ -50,9 +90,10 @@ def main(settings: Settings) -> int:
     if settings.host == "0.0.0.0" and not settings.api_key:
         log.warning("listening on 0.0.0.0 without an API key: anyone who reaches port %d can use this server; "
                     "set --api-key / API_KEY", settings.port)
-    log.info("serving %s on http://%s:%d", settings.model_name, settings.host, settings.port)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                timeout_graceful_shutdown=settings.shutdown_timeout)
+
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+                            timeout_graceful_shutdown=settings.shutdown_timeout)
+    Server(config, settings).run(sockets=[sock])
     return 0
 
 

@@ -22,6 +22,11 @@
 #
 # Safe to re-run: files already present (and non-empty) are not fetched
 # again, and modelscope is not called at all when nothing is missing.
+#
+# Before modelscope runs, the hub is probed once (10 s at most): without a
+# network, one clear message comes at once instead of modelscope's banner and
+# half a minute of retries. A failed run removes the folders it created that
+# are still empty.
 
 set -euo pipefail
 
@@ -51,6 +56,57 @@ die() {
 
 info() {
     printf '%s\n' "$@"
+}
+
+# Folders this run created, so that a failed run can remove those left empty.
+CREATED_DIRS=()
+
+# make_dir DIR: mkdir -p DIR, remembering each folder it creates.
+make_dir() {
+    local dir=$1
+    local -a new=()
+    while [[ -n $dir && ! -d $dir ]]; do
+        new=("$dir" "${new[@]}")
+        dir=${dir%/*}
+    done
+    mkdir -p "$1"
+    CREATED_DIRS+=("${new[@]}")
+}
+
+# On failure, remove the created folders that are still empty, deepest first
+# (rm -d removes only empty ones): no empty model folder is left behind.
+remove_empty_created_dirs() {
+    local status=$? i
+    if ((status != 0)); then
+        for ((i = ${#CREATED_DIRS[@]} - 1; i >= 0; i--)); do
+            rm -d -- "${CREATED_DIRS[i]}" 2>/dev/null || true
+        done
+    fi
+    return "$status"
+}
+trap remove_empty_created_dirs EXIT
+
+# The hub modelscope talks to (MODELSCOPE_ENDPOINT is modelscope's own setting).
+ENDPOINT="${MODELSCOPE_ENDPOINT:-https://modelscope.cn}"
+
+# require_hub: stop with one message when the hub cannot be reached, before
+# modelscope prints its banner and retries for half a minute.
+HUB_CHECKED=""
+require_hub() {
+    [[ -n $HUB_CHECKED ]] && return 0
+    local address=${ENDPOINT#*://} port=443
+    address=${address%%/*}
+    [[ $ENDPOINT == http://* ]] && port=80
+    if [[ $address == *:* ]]; then
+        port=${address##*:}
+        address=${address%:*}
+    fi
+    # shellcheck disable=SC2016 # $1 and $2 are the inner shell's arguments
+    if ! timeout 10 "$BASH" -c 'exec 3<>"/dev/tcp/$1/$2"' probe "$address" "$port" 2>/dev/null; then
+        die "cannot reach the ModelScope hub at $address:$port ($ENDPOINT), so nothing can be downloaded." \
+            "Check this machine's network (or MODELSCOPE_ENDPOINT, if you set it), then run this script again."
+    fi
+    HUB_CHECKED=1
 }
 
 # Called only when something is missing: re-checking a complete download
@@ -118,7 +174,8 @@ ensure() {
     fi
 
     require_modelscope
-    mkdir -p "$dir"
+    require_hub
+    make_dir "$dir"
     local f
     for f in "${missing[@]}"; do
         # An empty file is a leftover of an interrupted download; remove it so
@@ -142,8 +199,10 @@ shards_in() {
     grep -oE '[^"/]+\.safetensors' "$1" | sort -u
 }
 
-mkdir -p "$MODEL_ROOT"
-MODEL_ROOT=$(cd "$MODEL_ROOT" && pwd) # absolute, so the printed command works from anywhere
+# Absolute, so that the printed command works from anywhere; nothing is created
+# until something is downloaded.
+[[ $MODEL_ROOT == /* ]] || MODEL_ROOT="$PWD/$MODEL_ROOT"
+MODEL_ROOT=${MODEL_ROOT%/}
 OPENELM_DIR="$MODEL_ROOT/OpenELM-3B-Instruct"
 TOKENIZER_DIR="$MODEL_ROOT/Llama-2-7b-hf"
 

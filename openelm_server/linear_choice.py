@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from .cpu_linear import use_onednn_linears, use_plain_linears
+from .cpu_linear import embedding_copy_megabytes, use_onednn_linears, use_plain_linears
 from .openelm import ForwardBatch, OpenELM
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,9 @@ def choose_linear_kernels(model: OpenELM) -> bool:
     if not keep_onednn:
         use_plain_linears(model)
     log.info("linear kernels timed on this CPU (decode of %s sequences + a %d-token prefill): oneDNN %.0f ms, "
-             "PyTorch %.0f ms; using %s (--onednn-linear / --no-onednn-linear to force one)",
+             "PyTorch %.0f ms; using %s (--onednn-linear / --no-onednn-linear to force one)%s",
              " and ".join(map(str, DECODE_ROWS)), PREFILL_TOKENS, onednn_ms, plain_ms,
-             "oneDNN" if keep_onednn else "PyTorch")
+             "oneDNN" if keep_onednn else "PyTorch",
+             f"; oneDNN holds the token embedding twice, {embedding_copy_megabytes(model):.0f} MB extra"
+             if keep_onednn else "")
     return keep_onednn

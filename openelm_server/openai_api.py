@@ -31,10 +31,13 @@ def _service(request: Request) -> GenerationService:
 
 
 def _check_model(request: Request, body: OpenAIRequest) -> str:
-    name = request.app.state.settings.model_name
-    if body.model is not None and body.model != name:
-        raise ApiError(404, f"the model {body.model!r} does not exist; this server serves {name!r}",
-                       param="model", code="model_not_found")
+    """The served name; the request may also use one of its aliases (the published names)."""
+    settings = request.app.state.settings
+    name = settings.model_name
+    if body.model is not None and body.model != name and body.model not in settings.model_aliases:
+        accepted = ", ".join(repr(n) for n in (name, *settings.model_aliases))
+        raise ApiError(404, f"the model {body.model!r} does not exist; this server serves {name!r} "
+                            f"(accepted names: {accepted})", param="model", code="model_not_found")
     return name
 
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -386,12 +387,11 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     )
 
 
-def _progress(items: list[Path], enabled: bool) -> Iterable[Path]:
-    if not enabled or len(items) < 2:
-        return items
+def _progress(total_bytes: int, enabled: bool):
+    """A bar over the checkpoint's bytes, one file or many: the 3B model takes minutes from a slow disk."""
     from tqdm import tqdm
 
-    return tqdm(items, desc="Loading checkpoint shards", unit="shard")
+    return tqdm(total=total_bytes, desc="Loading weights", unit="B", unit_scale=True, disable=not enabled)
 
 
 def load_openelm(model_dir: str | Path, device: str | torch.device = "cpu",
@@ -404,33 +404,44 @@ def load_openelm(model_dir: str | Path, device: str | torch.device = "cpu",
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     config = OpenELMConfig.from_dir(model_dir)
+    files = checkpoint_files(model_dir)
+    total_bytes = sum(path.stat().st_size for path in files)
+    log.info("loading OpenELM from %s (%d file%s, %.2f GB) on %s in %s ...", model_dir, len(files),
+             "" if len(files) == 1 else "s", total_bytes / 1e9, device, str(dtype).removeprefix("torch."))
+    started = time.monotonic()
     with torch.device("meta"):
         model = OpenELM(config)
     parameters = dict(model.named_parameters())
     loaded: set[str] = set()
-    for path in _progress(checkpoint_files(model_dir), show_progress):
-        with safe_open(str(path), framework="pt", device="cpu") as shard:
-            for name in shard.keys():
-                if name not in parameters:
-                    raise CheckpointError(f"{path}: unexpected tensor {name!r} for this config")
-                tensor = shard.get_tensor(name)
-                expected = tuple(parameters[name].shape)
-                if tuple(tensor.shape) != expected:
-                    raise CheckpointError(
-                        f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, config.json implies {expected}"
-                    )
-                module_name, _, attribute = name.rpartition(".")
-                module = model.get_submodule(module_name)
-                setattr(module, attribute, nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))
-                loaded.add(name)
+    finished_bytes = 0
+    with _progress(total_bytes, show_progress) as progress:
+        for path in files:
+            with safe_open(str(path), framework="pt", device="cpu") as shard:
+                for name in shard.keys():
+                    if name not in parameters:
+                        raise CheckpointError(f"{path}: unexpected tensor {name!r} for this config")
+                    tensor = shard.get_tensor(name)
+                    expected = tuple(parameters[name].shape)
+                    if tuple(tensor.shape) != expected:
+                        raise CheckpointError(
+                            f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, config.json implies {expected}"
+                        )
+                    module_name, _, attribute = name.rpartition(".")
+                    module = model.get_submodule(module_name)
+                    setattr(module, attribute, nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))
+                    loaded.add(name)
+                    progress.update(tensor.numel() * tensor.element_size())
+            finished_bytes += path.stat().st_size
+            progress.update(finished_bytes - progress.n)  # the file's header, so that the bar ends at 100%
     missing = sorted(set(parameters) - loaded)
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise CheckpointError(f"{model_dir}: {len(missing)} tensors missing from the checkpoint: {shown}")
     model.rope_tables(device)
     model.eval()
-    log.info("loaded OpenELM (%d layers, %.2fB parameters) from %s on %s in %s", config.num_layers,
-             count_parameters(model) / 1e9, model_dir, device, str(dtype).removeprefix("torch."))
+    log.info("loaded OpenELM (%d layers, %.2fB parameters) from %s on %s in %s in %.1f s", config.num_layers,
+             count_parameters(model) / 1e9, model_dir, device, str(dtype).removeprefix("torch."),
+             time.monotonic() - started)
     return model
 
 

@@ -15,6 +15,8 @@ from typing import Sequence
 
 DEFAULT_MODEL_PATH = "/root/autodl-tmp/OpenELM-3B-Instruct"
 DEFAULT_TOKENIZER_PATH = "/root/autodl-tmp/Llama-2-7b-hf"
+# The names people copy from Hugging Face, ModelScope and the README's examples.
+PUBLISHED_MODEL_NAMES = ("OpenELM-3B-Instruct", "apple/OpenELM-3B-Instruct", "LLM-Research/OpenELM-3B-Instruct")
 
 
 @dataclass(frozen=True)
@@ -44,32 +46,63 @@ class Settings:
     onednn_linear: bool | None = None  # None: timed against PyTorch's at start-up
     shutdown_timeout: float = 30.0
     log_level: str = "info"
+    demo: bool = False
 
     @property
     def model_name(self) -> str:
         return self.served_model_name or Path(self.model_path.rstrip("/")).name or "openelm"
+
+    @property
+    def model_aliases(self) -> tuple[str, ...]:
+        """Names the OpenAI routes accept besides ``model_name``. Without --served-model-name,
+        the published names work whatever the model directory is called, so examples written
+        for OpenELM-3B-Instruct run against a renamed folder or another MODEL_ROOT."""
+        if self.served_model_name:
+            return ()
+        return tuple(name for name in PUBLISHED_MODEL_NAMES if name != self.model_name)
 
 
 def _env_flag(value: str) -> bool:
     return value.strip().lower() in ("1", "true", "yes", "on")
 
 
+def _whole_number(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {value!r}") from None
+
+
+def _number(value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {value!r}") from None
+
+
 def _positive_int(value: str) -> int:
-    number = int(value)
+    number = _whole_number(value)
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
     return number
 
 
+def _port(value: str) -> int:
+    number = _whole_number(value)
+    if not 1 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, got {number}")
+    return number
+
+
 def _positive_float(value: str) -> float:
-    number = float(value)
+    number = _number(value)
     if not number > 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {value}")
     return number
 
 
 def _fraction(value: str) -> float:
-    number = float(value)
+    number = _number(value)
     if not 0 < number <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
     return number
@@ -84,7 +117,7 @@ _OPTIONS: list[tuple[str, str, object, str]] = [
     ("--model-path", "MODEL_PATH", str, "OpenELM model directory (config.json + safetensors)"),
     ("--tokenizer-path", "TOKENIZER_PATH", str, "Llama-2 tokenizer directory (tokenizer.model)"),
     ("--host", "HOST", str, "address to listen on; 0.0.0.0 for all interfaces"),
-    ("--port", "PORT", int, "port to listen on (AutoDL maps 6006 to the outside)"),
+    ("--port", "PORT", _port, "port to listen on (AutoDL maps 6006 to the outside)"),
     ("--device", "DEVICE", str, "auto | cuda | cuda:N | cpu; auto picks CUDA when present"),
     ("--dtype", "DTYPE", str, "auto | bfloat16 | float16 | float32; auto = bfloat16 on CUDA, float32 on CPU"),
     ("--served-model-name", "SERVED_MODEL_NAME", str, "model name in the OpenAI API (default: the model directory's name)"),
@@ -114,16 +147,38 @@ _SWITCHES: list[tuple[str, str, str, str]] = [
     ("--onednn-linear", "onednn_linear", "ONEDNN_LINEAR",
      "on the CPU in float32, linear layers with oneDNN (--onednn-linear) or PyTorch's (--no-onednn-linear); "
      "unset, both are timed at start-up and the faster kept"),
+    ("--demo", "demo", "DEMO",
+     "try the server without the 6 GB download: a tiny random-weight model and tokenizer are made "
+     "(once, in ~/.cache/openelm-server/demo) and served; its answers are gibberish"),
 ]
+
+
+class _Parser(argparse.ArgumentParser):
+    """A bad setting is one line, like every other start-up error, not the whole usage text."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (python api.py --help lists the settings)\n")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where there is one; an unset option's help says what happens."""
+
+    def __init__(self, prog: str):
+        super().__init__(prog, width=120, max_help_position=40)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default == ():
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = Settings()
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="api.py",
         description="Serve OpenELM-3B-Instruct over HTTP: the tutorial's POST / plus an OpenAI-compatible API.",
         epilog="Every flag can also be set by the environment variable shown; flags win.",
-        formatter_class=lambda prog: argparse.ArgumentDefaultsHelpFormatter(prog, width=120, max_help_position=40),
+        formatter_class=_HelpFormatter,
     )
     for flag, env, kind, help_text in _OPTIONS:
         dest = flag[2:].replace("-", "_")
@@ -155,5 +210,8 @@ def load_settings(argv: Sequence[str] | None = None, environ: dict[str, str] | N
         parser.error(f"--dtype must be auto, bfloat16, float16 or float32, got {settings.dtype!r}")
     if settings.log_level not in ("debug", "info", "warning", "error"):
         parser.error(f"--log-level must be debug, info, warning or error, got {settings.log_level!r}")
+    if settings.demo and (settings.model_path != DEFAULT_MODEL_PATH or settings.tokenizer_path != DEFAULT_TOKENIZER_PATH):
+        parser.error("--demo serves a model and tokenizer of its own; drop --model-path / --tokenizer-path "
+                     "(or MODEL_PATH / TOKENIZER_PATH), or drop --demo")
     return settings
 

@@ -10,10 +10,13 @@ import torch
 
 from .engine import Engine, EngineConfig
 from .kv_cache import KVCache
-from .chat import ChatTemplateError
-from .cpu_linear import can_use_onednn, use_onednn_linears
+from .chat import ChatTemplate, ChatTemplateError
+from .cpu_linear import can_use_onednn, embedding_copy_megabytes, use_onednn_linears
+from .demo import DemoError
 from .linear_choice import choose_linear_kernels
-from .openelm import CheckpointError, ForwardBatch, OpenELM, fuse_elementwise, load_openelm
+from .listen import ListenError
+from .openelm import (CheckpointError, ForwardBatch, OpenELM, OpenELMConfig, checkpoint_files, fuse_elementwise,
+                      load_openelm)
 from .settings import Settings
 from .tokenizer import TokenizerError, load_tokenizer
 
@@ -26,7 +29,7 @@ class StartupError(Exception):
     """A problem that stops the server before it serves; the message is one clear line."""
 
 
-STARTUP_ERRORS = (StartupError, CheckpointError, TokenizerError, ChatTemplateError)
+STARTUP_ERRORS = (StartupError, ListenError, CheckpointError, TokenizerError, ChatTemplateError, DemoError)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -55,6 +58,15 @@ def check_directories(settings: Settings) -> None:
                               ("tokenizer", settings.tokenizer_path, "--tokenizer-path")):
         if not Path(path).is_dir():
             raise StartupError(f"{label} directory {path} not found: run `bash download.sh` or pass {flag}")
+
+
+def check_model_files(settings: Settings) -> OpenELMConfig:
+    """config.json and the safetensors files, read before the weights: a wrong directory is
+    reported in a second, not after minutes of loading."""
+    model_dir = Path(settings.model_path)
+    config = OpenELMConfig.from_dir(model_dir)
+    checkpoint_files(model_dir)
+    return config
 
 
 def slots_that_fit(model: OpenELM, settings: Settings, device: torch.device, dtype: torch.dtype) -> int:
@@ -95,7 +107,14 @@ def compile_elementwise(model: OpenELM) -> None:
 
 
 def build_engine(settings: Settings) -> tuple[Engine, object]:
+    """The checks that need no weights run before the model loads, which takes minutes for 3B."""
     check_directories(settings)
+    model_config = check_model_files(settings)
+    tokenizer = load_tokenizer(settings.tokenizer_path)
+    if len(tokenizer) > model_config.vocab_size:
+        raise StartupError(f"the tokenizer in {settings.tokenizer_path} has {len(tokenizer)} tokens, more than the "
+                           f"model's {model_config.vocab_size}: --tokenizer-path must be the Llama-2 tokenizer")
+    ChatTemplate.choose(settings.chat_template, tokenizer)
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     model = load_openelm(settings.model_path, device=device, dtype=dtype)
@@ -104,9 +123,10 @@ def build_engine(settings: Settings) -> tuple[Engine, object]:
             choose_linear_kernels(model)
         elif settings.onednn_linear:
             use_onednn_linears(model)
+            log.info("linear layers use oneDNN (--onednn-linear); the token embedding is held twice, %.0f MB extra",
+                     embedding_copy_megabytes(model))
     if settings.compile and device.type == "cuda":
         compile_elementwise(model)
-    tokenizer = load_tokenizer(settings.tokenizer_path)
     max_model_len = min(settings.max_model_len, model.config.max_context_length)
     if max_model_len < settings.max_model_len:
         log.warning("--max-model-len %d is beyond the model's context; using %d", settings.max_model_len, max_model_len)

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +35,7 @@ BASH = shutil.which("bash")
 # Everything download.sh runs besides modelscope. The scripts run with a PATH
 # holding only links to these (plus, usually, the stand-in), so the real
 # modelscope installed on this machine can never be reached by accident.
-TOOLS = ["mkdir", "grep", "sort", "rm"]
+TOOLS = ["mkdir", "grep", "sort", "rm", "timeout"]
 
 OPENELM = "LLM-Research/OpenELM-3B-Instruct"
 LLAMA = "shakechen/Llama-2-7b-hf"
@@ -47,8 +48,26 @@ needs_hub = pytest.mark.skipif(not HAVE_MODELSCOPE_HUB, reason="modelscope (mode
 FLAVOURS = [pytest.param("current", marks=needs_hub), "legacy"]
 
 
+@pytest.fixture(autouse=True)
+def reachable_hub(monkeypatch):
+    """download.sh probes the hub before calling modelscope; here the hub is a socket on loopback."""
+    with socket.socket() as hub:
+        hub.bind(("127.0.0.1", 0))
+        hub.listen(64)
+        monkeypatch.setattr(Harness, "endpoint", f"http://127.0.0.1:{hub.getsockname()[1]}")
+        yield
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 class Harness:
     """A MODEL_ROOT, a PATH with the stand-in modelscope, and its call log."""
+
+    endpoint = ""  # MODELSCOPE_ENDPOINT, set by the reachable_hub fixture
 
     def __init__(self, tmp_path: Path, flavour: str = "current"):
         self.root = tmp_path / "models"
@@ -88,6 +107,7 @@ class Harness:
             "HOME": str(self.root.parent),
             "LC_ALL": "C",
             "MODEL_ROOT": str(self.root),
+            "MODELSCOPE_ENDPOINT": self.endpoint,
             "FAKE_MODELSCOPE_LOG": str(self.log),
             "FAKE_MODELSCOPE_FLAVOR": self.flavour,
             **extra_env,
@@ -218,6 +238,33 @@ def test_modelscope_failure_stops_with_a_message(tmp_path):
     assert OPENELM in result.stderr
     assert "Done" not in result.stdout
     assert len(h.download_calls()) == 1  # stopped at the first failure
+
+
+def test_failed_download_leaves_no_empty_folder(tmp_path):
+    h = Harness(tmp_path)
+    h.root = tmp_path / "new" / "models"
+    result = h.run(FAKE_MODELSCOPE_FAIL="1")
+    assert result.returncode != 0 and "modelscope failed" in result.stderr
+    assert not (tmp_path / "new").exists()
+
+
+def test_failed_download_keeps_folders_that_were_there(tmp_path):
+    h = Harness(tmp_path)
+    h.root.mkdir()
+    result = h.run(FAKE_MODELSCOPE_FAIL="1")
+    assert result.returncode != 0
+    assert h.root.is_dir() and not h.openelm_dir.exists()
+
+
+def test_unreachable_hub_is_one_message_before_modelscope_runs(tmp_path):
+    h = Harness(tmp_path)
+    port = closed_port()
+    result = h.run(MODELSCOPE_ENDPOINT=f"https://127.0.0.1:{port}")
+    assert result.returncode != 0
+    assert f"cannot reach the ModelScope hub at 127.0.0.1:{port}" in result.stderr
+    assert h.invocations() == []  # no banner, no retries: modelscope never started
+    assert not h.root.exists()
+    assert "Done" not in result.stdout
 
 
 def test_file_missing_after_download_stops_with_a_message(tmp_path):

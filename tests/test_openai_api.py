@@ -591,6 +591,26 @@ def test_unknown_model_is_not_found(client):
     assert_error_shape(caught.value, 404, "not_found_error", "model", "model_not_found")
 
 
+@pytest.mark.parametrize("published_name", ["OpenELM-3B-Instruct", "apple/OpenELM-3B-Instruct",
+                                            "LLM-Research/OpenELM-3B-Instruct"])
+def test_published_names_work_whatever_the_folder_is_called(client, model_name, published_name):
+    # The test model's folder is not called OpenELM-3B-Instruct: the README's examples still work.
+    assert model_name != "OpenELM-3B-Instruct"
+    completion = complete(client, published_name, ENGLISH, max_tokens=2)
+    assert completion.model == model_name
+    assert chat(client, published_name, user("Hi"), max_tokens=2).model == model_name
+    assert [m.id for m in client.models.list()] == [model_name]
+
+
+def test_served_model_name_is_the_only_name(start_server, serving_dirs):
+    server = start_server(*serving_dirs, "--served-model-name", "my-model", "--max-batch-size", "2")
+    named = OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
+    assert complete(named, "my-model", ENGLISH, max_tokens=2).model == "my-model"
+    with pytest.raises(openai.NotFoundError) as caught:
+        complete(named, "OpenELM-3B-Instruct", ENGLISH, max_tokens=2)
+    assert "'my-model'" in assert_error_shape(caught.value, 404, "not_found_error", "model", "model_not_found")["message"]
+
+
 BAD_COMPLETIONS = [
     (dict(temperature=-1), "temperature", None),
     (dict(n=2), "n", None),

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import make_checkpoint, tiny_config
+from openelm_server.demo import tiny_config, write_tiny_checkpoint
 from openelm_server.cpu_linear import OneDnnLinear, can_use_onednn, use_onednn_linears
 from openelm_server.openelm import (CheckpointError, ForwardBatch, OpenELM, OpenELMConfig, count_parameters,
                                     load_openelm, published_config)
@@ -136,8 +136,8 @@ def test_batched_equals_alone_at_different_positions(own_model):
 
 def test_sharded_loading_equals_single_file(tmp_path, own_model_dir, own_model):
     vocab = own_model.config.vocab_size
-    single = make_checkpoint(tmp_path / "single", vocab_size=vocab, seed=3)
-    sharded = make_checkpoint(tmp_path / "sharded", vocab_size=vocab, seed=3, max_shard_bytes=200_000)
+    single = write_tiny_checkpoint(tmp_path / "single", vocab_size=vocab, seed=3)
+    sharded = write_tiny_checkpoint(tmp_path / "sharded", vocab_size=vocab, seed=3, max_shard_bytes=200_000)
     assert len(list(sharded.glob("model-*-of-*.safetensors"))) > 1
     assert (sharded / "model.safetensors.index.json").is_file()
     a = load_openelm(single, show_progress=False).state_dict()
@@ -172,7 +172,7 @@ def test_expanded_lists_in_config_json_are_used_as_published(shared_model_dir):
     dict(share_input_output_layers=False),
 ])
 def test_config_variants_load_and_run(tmp_path, overrides):
-    directory = make_checkpoint(tmp_path / "variant", vocab_size=64, **overrides)
+    directory = write_tiny_checkpoint(tmp_path / "variant", vocab_size=64, **overrides)
     model = load_openelm(directory)
     outputs, _ = greedy_batch(model, [[1, 2, 3]], 3)
     assert len(outputs[0]) == 3
@@ -193,7 +193,7 @@ def test_bfloat16_on_cpu_is_close_to_float32(own_model_dir, own_model):
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied-embeddings", "own-lm-head"])
 def test_onednn_linears_match_pytorch_and_keep_the_cache_consistent(tmp_path, own_tokenizer_dir, tied):
-    directory = make_checkpoint(tmp_path / "model", vocab_size=400, share_input_output_layers=tied)
+    directory = write_tiny_checkpoint(tmp_path / "model", vocab_size=400, share_input_output_layers=tied)
     plain = load_openelm(directory, dtype=torch.float32)
     fast = with_onednn(load_openelm(directory, dtype=torch.float32))
     assert not any(isinstance(m, torch.nn.Linear) for m in fast.modules())
@@ -286,7 +286,7 @@ def test_wrong_shape_is_named(tmp_path, own_model_dir):
 
 def test_missing_shard_is_named(tmp_path, own_model_dir):
     vocab = json.loads((own_model_dir / "config.json").read_text())["vocab_size"]
-    directory = make_checkpoint(tmp_path / "shards", vocab_size=vocab, max_shard_bytes=200_000)
+    directory = write_tiny_checkpoint(tmp_path / "shards", vocab_size=vocab, max_shard_bytes=200_000)
     shard = sorted(directory.glob("model-*.safetensors"))[-1]
     shard.unlink()
     with pytest.raises(CheckpointError, match=shard.name):
