@@ -42,6 +42,7 @@ class Settings:
     cuda_graphs: bool = True
     compile: bool = True
     onednn_linear: bool = True
+    webui: bool = True
     shutdown_timeout: float = 30.0
     log_level: str = "info"
 
@@ -113,6 +114,7 @@ _SWITCHES: list[tuple[str, str, str, str]] = [
      "on CUDA, fuse element-wise kernels with torch.compile at start-up (faster decode); --no-compile to skip"),
     ("--onednn-linear", "onednn_linear", "ONEDNN_LINEAR",
      "on the CPU in float32, run linear layers with oneDNN (faster); --no-onednn-linear for plain PyTorch"),
+    ("--webui", "webui", "WEBUI", "serve the chat page at GET / for browsers; --no-webui answers a JSON description"),
 ]
 
 
