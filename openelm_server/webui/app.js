@@ -43,7 +43,7 @@ function askForKey() {
 
 // ---- the server's state ---------------------------------------------------------------------
 
-async function pollState() {
+async function showState() {
   try {
     const response = await fetch("/stats", { headers: headers() });
     if (response.status === 401) {
@@ -60,6 +60,10 @@ async function pollState() {
   } catch {
     $("server-state").textContent = "server unreachable";
   }
+}
+
+async function pollState() {
+  await showState();
   setTimeout(pollState, STATE_POLL_MS);
 }
 
@@ -243,6 +247,7 @@ async function send() {
     sendButton.disabled = false;
     stopButton.disabled = true;
   }
+  showState(); // the slot this answer held is free now: show it without waiting for the next poll
   if (failed) {
     // The message goes back into the box, to send again once fixed; the conversation goes on
     // without it.
