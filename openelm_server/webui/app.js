@@ -36,7 +36,10 @@ function headers() {
   return result;
 }
 
+// Shown once the server asks for a key (settings unfolded that once, so that a phone user can
+// fold them away again while the state polls go on being refused).
 function askForKey() {
+  if (!$("api-key-row").hidden) return;
   $("api-key-row").hidden = false;
   $("settings").open = true;
 }
@@ -47,7 +50,7 @@ async function showState() {
   try {
     const response = await fetch("/stats", { headers: headers() });
     if (response.status === 401) {
-      $("server-state").textContent = "this server needs an API key (Settings)";
+      $("server-state").textContent = "API key missing or wrong (Settings)";
       askForKey();
     } else if (response.ok) {
       const s = await response.json();
@@ -170,22 +173,18 @@ async function send() {
     return;
   }
   prompt.value = "";
-  let answer;
-  let echo = null;
-  if (mode === "chat") {
-    addUserMessage(text);
-    answer = addAnswer();
-  } else {
+  if (mode === "chat") addUserMessage(text);
+  const answer = addAnswer();
+  let continuation = null;
+  if (mode === "completion") {
     // Raw completion shows the prompt and its continuation together, as the tutorial's POST / answers.
-    answer = addAnswer();
-    answer.body.classList.add("raw");
-    echo = document.createElement("span");
+    const echo = document.createElement("span");
     echo.className = "echo";
     echo.textContent = text;
-    answer.body.append(echo);
+    continuation = document.createElement("span");
+    answer.body.classList.add("raw");
+    answer.body.append(echo, continuation);
   }
-  const continuation = document.createElement("span");
-  if (echo) answer.body.append(continuation);
 
   running = new AbortController();
   sendButton.disabled = true;
@@ -195,7 +194,7 @@ async function send() {
   let failed = false;
   const show = () => {
     const follow = nearBottom();
-    if (echo) continuation.textContent = output;
+    if (continuation) continuation.textContent = output;
     else answer.body.innerHTML = renderMarkdown(output);
     answer.stats.textContent = statsText(timing);
     if (follow) messages.scrollTop = messages.scrollHeight;
@@ -207,7 +206,11 @@ async function send() {
     });
     if (!response.ok) {
       failed = true;
-      if (response.status === 401) askForKey();
+      if (response.status === 401) {
+        askForKey();
+        $("settings").open = true;
+        apiKey.focus();
+      }
       showError(answer, await errorText(response));
     } else {
       for await (const data of readSse(response.body)) {
@@ -230,7 +233,7 @@ async function send() {
           output += piece;
         }
         timing.end = performance.now();
-        if (!failed) show();
+        show();
       }
     }
   } catch (error) {
@@ -247,7 +250,7 @@ async function send() {
     sendButton.disabled = false;
     stopButton.disabled = true;
   }
-  showState(); // the slot this answer held is free now: show it without waiting for the next poll
+  showState(); // the state after this answer, without waiting for the next poll
   if (failed) {
     // The message goes back into the box, to send again once fixed; the conversation goes on
     // without it.

@@ -61,7 +61,7 @@ function blocks(escaped) {
 }
 
 // A fence still open while the answer streams in shows as code up to the end.
-const FENCE = /```([^\n`]*)\n?([\s\S]*?)(?:```|$)/g;
+const FENCE = /```[^\n`]*\n?([\s\S]*?)(?:```|$)/g; // the language name after ``` is dropped
 
 export function renderMarkdown(text) {
   const escaped = escapeHtml(text);
@@ -69,7 +69,7 @@ export function renderMarkdown(text) {
   let last = 0;
   for (const match of escaped.matchAll(FENCE)) {
     html.push(blocks(escaped.slice(last, match.index)));
-    html.push(`<pre><code>${match[2]}</code></pre>`);
+    html.push(`<pre><code>${match[1]}</code></pre>`);
     last = match.index + match[0].length;
   }
   html.push(blocks(escaped.slice(last)));
