@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException
 
 from .http_errors import ApiError, error_response
 from .metrics import Metrics
+from .webui import ASSET_PREFIX
 
 access_log = logging.getLogger("openelm_server.access")
 
@@ -24,9 +25,6 @@ VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 KNOWN_ROUTES = {"/", "/health", "/metrics", "/stats", "/v1/models", "/v1/completions", "/v1/chat/completions",
                 "/docs", "/openapi.json"}
 OPEN_ROUTES = {"/health"}
-# The web page: a browser must load it before the user can type the key into it. It holds no
-# data; everything it shows comes from the guarded routes, with the key.
-WEB_PAGE_PREFIX = "/webui/"
 
 
 class RequestIdFilter(logging.Filter):
@@ -58,7 +56,7 @@ class GuardMiddleware:
         path = scope["path"]
         if scope["method"] == "POST" and "json" not in headers.get("content-type", ""):
             scope = _as_json(scope)
-        route = path if path in KNOWN_ROUTES else "/webui" if path.startswith(WEB_PAGE_PREFIX) else "other"
+        route = path if path in KNOWN_ROUTES else "/webui" if path.startswith(ASSET_PREFIX) else "other"
         status = 500
         start = time.monotonic()
 
@@ -112,7 +110,9 @@ class GuardMiddleware:
 def _needs_key(method: str, path: str) -> bool:
     if path in OPEN_ROUTES or method == "OPTIONS":
         return False
-    is_page = path == "/" or path.startswith(WEB_PAGE_PREFIX)
+    # The web page (or, for other clients, the JSON description): a browser must load it before
+    # the user can type the key into it. It holds no data; all it shows comes with the key.
+    is_page = path == "/" or path.startswith(ASSET_PREFIX)
     return not (is_page and method in ("GET", "HEAD"))
 
 

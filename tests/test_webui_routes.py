@@ -95,6 +95,23 @@ def test_the_page_is_open_but_the_data_needs_the_key(built):
     assert response.status_code == 200
 
 
+def test_page_files_count_under_one_metrics_route(built):
+    """Any path under /webui/ is one label in /metrics, not one per path a scanner tries."""
+    settings, engine, tokenizer = built
+    app = create_app(settings, engine, tokenizer)
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            for path in ("/webui/app.js", "/webui/style.css", "/webui/no-such-file", "/"):
+                await client.get(path)
+            return (await client.get("/metrics")).text
+
+    metrics = asyncio.run(go())
+    assert 'openelm_http_requests_total{route="/webui",status="200"} 2.0' in metrics
+    assert 'openelm_http_requests_total{route="/webui",status="404"} 1.0' in metrics
+    assert 'openelm_http_requests_total{route="/",status="200"} 1.0' in metrics
+
+
 def test_stats_reports_the_live_state(built):
     body = call(built, "GET", "/stats").json()
     assert body == {"model": "OpenELM-3B-Instruct", "requests_running": 0, "requests_waiting": 0,
