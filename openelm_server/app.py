@@ -1,4 +1,4 @@
-"""The HTTP application: the tutorial's ``POST /``, health, metrics, and the OpenAI routes."""
+"""The HTTP application: the tutorial's ``POST /``, health, metrics, the OpenAI routes and the web page."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from . import openai_api
+from . import openai_api, server_stats, webui
 from .chat import ChatTemplate
 from .engine import Engine
 from .generation import GenerationService
@@ -78,6 +78,8 @@ def create_app(settings: Settings, engine: Engine, tokenizer) -> FastAPI:
         return TutorialResponse(response=response, status=200, time=time_text)
 
     app.include_router(openai_api.router)
+    app.include_router(server_stats.router)
+    app.include_router(webui.router(settings.webui))
     app.add_middleware(GuardMiddleware, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes,
                        metrics=metrics)
     if settings.cors_origins:

@@ -17,12 +17,13 @@ from starlette.exceptions import HTTPException
 
 from .http_errors import ApiError, error_response
 from .metrics import Metrics
+from .webui import ASSET_PREFIX
 
 access_log = logging.getLogger("openelm_server.access")
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
-KNOWN_ROUTES = {"/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions",
+KNOWN_ROUTES = {"/", "/health", "/metrics", "/stats", "/v1/models", "/v1/completions", "/v1/chat/completions",
                 "/docs", "/openapi.json"}
 OPEN_ROUTES = {"/health"}
 
@@ -56,7 +57,7 @@ class GuardMiddleware:
         path = scope["path"]
         if scope["method"] == "POST" and "json" not in headers.get("content-type", ""):
             scope = _as_json(scope)
-        route = path if path in KNOWN_ROUTES else "other"
+        route = path if path in KNOWN_ROUTES else "/webui" if path.startswith(ASSET_PREFIX) else "other"
         status = 500
         reason = ""
         start = time.monotonic()
@@ -75,7 +76,7 @@ class GuardMiddleware:
             await error_response(path, error)(scope, receive, send_with_id)
 
         try:
-            if self.api_key and path not in OPEN_ROUTES and scope["method"] != "OPTIONS" and not self._authorized(headers):
+            if self.api_key and _needs_key(scope["method"], path) and not self._authorized(headers):
                 return await answer(ApiError(401, "missing or invalid API key; send 'Authorization: Bearer <key>'",
                                              code="invalid_api_key"))
             declared = headers.get("content-length", "")
@@ -108,6 +109,15 @@ class GuardMiddleware:
 
     def _too_large(self) -> ApiError:
         return ApiError(413, f"request body is larger than {self.max_body_bytes} bytes (--max-body-bytes)")
+
+
+def _needs_key(method: str, path: str) -> bool:
+    if path in OPEN_ROUTES or method == "OPTIONS":
+        return False
+    # The web page (or, for other clients, the JSON description): a browser must load it before
+    # the user can type the key into it. It holds no data; all it shows comes with the key.
+    is_page = path == "/" or path.startswith(ASSET_PREFIX)
+    return not (is_page and method in ("GET", "HEAD"))
 
 
 def _as_json(scope):

@@ -44,6 +44,7 @@ class Settings:
     cuda_graphs: bool = True
     compile: bool = True
     onednn_linear: bool | None = None  # None: timed against PyTorch's at start-up
+    webui: bool = True
     shutdown_timeout: float = 30.0
     log_level: str = "info"
     demo: bool = False
@@ -150,6 +151,7 @@ _SWITCHES: list[tuple[str, str, str, str]] = [
     ("--demo", "demo", "DEMO",
      "try the server without the 6 GB download: a tiny random-weight model and tokenizer are made "
      "(once, in ~/.cache/openelm-server/demo) and served; its answers are gibberish"),
+    ("--webui", "webui", "WEBUI", "serve the chat page at GET / for browsers; --no-webui answers a JSON description"),
 ]
 
 

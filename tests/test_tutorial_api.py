@@ -191,7 +191,7 @@ def test_prompt_that_leaves_no_room_under_max_length(server):
 
 
 def test_wrong_method_and_path(server):
-    assert requests.get(server.url + "/", timeout=10).status_code == 405
+    assert requests.put(server.url + "/", json={}, timeout=10).status_code == 405  # GET / is the web page
     assert requests.post(server.url + "/nope", json={}, timeout=10).status_code == 404
 
 

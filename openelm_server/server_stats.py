@@ -1,0 +1,39 @@
+"""``GET /stats``: the server's live state as JSON, for the web page and for people with curl.
+
+The same numbers as the gauges of /metrics, without a Prometheus parser; like every route but
+/health it needs the API key when one is set.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel
+
+router = APIRouter()
+
+
+class ServerStats(BaseModel):
+    model: str
+    requests_running: int
+    requests_waiting: int
+    kv_cache_slots_used: int
+    kv_cache_slots_total: int
+    kv_cache_usage: float
+    max_model_len: int
+    max_tokens_limit: int
+
+
+@router.get("/stats", response_model=ServerStats)
+async def server_stats(request: Request) -> ServerStats:
+    service = request.app.state.service
+    stats = service.engine.stats()
+    return ServerStats(
+        model=request.app.state.settings.model_name,
+        requests_running=stats.running,
+        requests_waiting=stats.waiting,
+        kv_cache_slots_used=stats.kv_slots_used,
+        kv_cache_slots_total=stats.kv_slots_total,
+        kv_cache_usage=stats.kv_slots_used / stats.kv_slots_total,
+        max_model_len=service.max_model_len,
+        max_tokens_limit=service.settings.max_tokens_limit,
+    )
