@@ -35,18 +35,10 @@ from .startup import build_engine
 
 DEPLOYMENT_NAME = "OpenELM"
 
-# What Ray Serve does with the replicas, as opposed to what each replica's engine does.
-DEPLOYMENT_ARGS = {
-    "num_replicas": "fixed replica count (default 1 unless autoscaling is asked for)",
-    "min_replicas": "autoscaling: fewest replicas",
-    "max_replicas": "autoscaling: most replicas",
-    "target_ongoing_requests": "autoscaling: requests (running + waiting) per replica to aim for "
-                               "(default max_batch_size)",
-    "max_ongoing_requests": "most requests Ray hands one replica at once (default max_batch_size + max_queue, "
-                            "what its engine takes)",
-    "max_queued_requests": "requests Ray holds while every replica is full (default max_queue); beyond, 503",
-    "num_gpus": "GPUs per replica (default 1, or 0 with device=cpu)",
-}
+# What Ray Serve does with the replicas, as opposed to what each replica's engine does
+# (README, "More than one GPU", explains each).
+DEPLOYMENT_ARGS = ("num_replicas", "min_replicas", "max_replicas", "target_ongoing_requests",
+                   "max_ongoing_requests", "max_queued_requests", "num_gpus")
 AUTOSCALING_ARGS = ("min_replicas", "max_replicas", "target_ongoing_requests")
 # Ray Serve's proxy owns the listening address, for all replicas together.
 PROXY_SETTINGS = ("host", "port")
@@ -128,7 +120,7 @@ def build_app(args: dict) -> Application:
             raise BuildArgsError(f"autoscaling ({', '.join(autoscaling)}) needs max_replicas, the most replicas to run")
         options["autoscaling_config"] = {
             "min_replicas": _number(deployment, "min_replicas", int, 1),
-            "max_replicas": _number(deployment, "max_replicas", int, 1),
+            "max_replicas": _number(deployment, "max_replicas", int),
             "target_ongoing_requests": _number(deployment, "target_ongoing_requests", float, settings.max_batch_size),
         }
     else:
@@ -171,17 +163,19 @@ def _boolean(name: str, value) -> bool:
     raise BuildArgsError(f"{name}={value!r}: expected true or false")
 
 
-def _number(args: dict, name: str, kind: type, default):
+def _number(args: dict, name: str, kind: type, default=None):
     if name not in args:
         return default
     try:
-        return kind(args[name])
+        # Through str, so that 2.5 is no integer (int(2.5) would quietly make it 2).
+        return kind(str(args[name]))
     except (TypeError, ValueError):
         raise BuildArgsError(f"{name}={args[name]!r}: expected {'an integer' if kind is int else 'a number'}") from None
 
 
 def _configure_logging(level: str) -> None:
-    """The server's log lines in the replica's log (Ray keeps one per replica), request ids included."""
+    """The server's log lines, request ids included, on the replica's stderr: Ray shows them in
+    `serve run`'s terminal and keeps them in the replica's worker log."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(RequestIdFilter())
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(request_id)s] %(name)s: %(message)s"))

@@ -48,6 +48,15 @@ def test_serve_run_arguments_become_settings_and_deployment_options():
     assert not ray.is_initialized()  # building the application starts nothing
 
 
+def test_config_file_arguments_keep_their_yaml_types():
+    app = build_app({**REQUIRED, "device": "cpu", "num_replicas": 3, "compile": False, "onednn_linear": True,
+                     "cors_origins": ["http://a.example", "http://b.example"], "max_model_len": 512, "api_key": None})
+    _, config, settings = deployment_of(app)
+    assert config.num_replicas == 3 and settings.max_model_len == 512
+    assert (settings.compile, settings.onednn_linear, settings.api_key) == (False, True, None)
+    assert settings.cors_origins == ("http://a.example", "http://b.example")
+
+
 def test_cuda_takes_one_gpu_per_replica_and_auto_means_cuda():
     for device in ("cuda", "auto"):
         deployment, _, settings = deployment_of(build_app({**REQUIRED, "device": device}))
@@ -75,6 +84,7 @@ def test_autoscaling_on_ongoing_requests():
     ({"dtype": "int8"}, "--dtype must be auto, bfloat16, float16 or float32, got 'int8'"),
     ({"cuda_graphs": "maybe"}, "cuda_graphs='maybe': expected true or false"),
     ({"num_replicas": "two"}, "num_replicas='two': expected an integer"),
+    ({"num_replicas": 2.5}, "num_replicas=2.5: expected an integer"),
     ({"num_replicas": "2", "max_replicas": "4"}, "num_replicas fixes the replica count"),
     ({"min_replicas": "2"}, "needs max_replicas"),
     ({"min_replicas": "3", "max_replicas": "1"}, "max_replicas (1) must be greater than or equal to min_replicas (3)"),
