@@ -19,6 +19,7 @@ from .generation import GenerationService
 from .http_errors import ApiError, error_response, now_text
 from .metrics import Metrics
 from .middleware import GuardMiddleware
+from .replica_id import ReplicaIdMiddleware, new_replica_id
 from .sampling import SamplingParams
 from .schemas import HealthResponse, TutorialError, TutorialRequest, TutorialResponse
 from .settings import Settings
@@ -33,7 +34,8 @@ TUTORIAL_TOP_K = 50
 SHORT_LOG_CHARS = 60
 
 
-def create_app(settings: Settings, engine: Engine, tokenizer) -> FastAPI:
+def create_app(settings: Settings, engine: Engine, tokenizer, replica_id: str | None = None) -> FastAPI:
+    """``replica_id`` names this server in ``X-Replica-Id``; a new one (host, pid, random) if not given."""
     metrics = Metrics(engine.stats)
     service = GenerationService(engine, tokenizer, settings, metrics)
 
@@ -83,10 +85,14 @@ def create_app(settings: Settings, engine: Engine, tokenizer) -> FastAPI:
     app.add_middleware(GuardMiddleware, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes,
                        metrics=metrics)
     if settings.cors_origins:
-        # Outermost, so that the guard's own answers (401, 413) carry CORS headers too and a
+        # Outside the guard, so that the guard's own answers (401, 413) carry CORS headers too and a
         # browser's preflight, which has no API key, is answered before the guard.
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
-                           allow_headers=["*"], expose_headers=["X-Request-ID"])
+                           allow_headers=["*"], expose_headers=["X-Request-ID", "X-Replica-Id"])
+    # Outermost of all, so that every answer (CORS preflights and the guard's 401/413 included) names its replica.
+    app.state.replica_id = replica_id or new_replica_id()
+    app.add_middleware(ReplicaIdMiddleware, replica_id=app.state.replica_id)
+    log.info("replica id %s", app.state.replica_id)
     return app
 
 
