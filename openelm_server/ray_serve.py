@@ -18,6 +18,7 @@ Environment variables do not apply here: the arguments are the whole configurati
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import io
@@ -30,7 +31,7 @@ from ray.serve import Application
 from .app import create_app
 from .middleware import RequestIdFilter
 from .replica_id import new_replica_id
-from .settings import Settings, load_settings
+from .settings import Settings, build_parser, load_settings
 from .startup import build_engine
 
 DEPLOYMENT_NAME = "OpenELM"
@@ -42,8 +43,9 @@ DEPLOYMENT_ARGS = ("num_replicas", "min_replicas", "max_replicas", "target_ongoi
 AUTOSCALING_ARGS = ("min_replicas", "max_replicas", "target_ongoing_requests")
 # Ray Serve's proxy owns the listening address, for all replicas together.
 PROXY_SETTINGS = ("host", "port")
-# api.py's on/off flags (--cuda-graphs / --no-cuda-graphs): true or false here.
-SWITCHES = {field.name for field in dataclasses.fields(Settings) if field.type == "bool"}
+# api.py's on/off flags (--cuda-graphs / --no-cuda-graphs): true or false here. Read from its
+# parser, which knows them whatever their type in Settings (onednn_linear may also be unset).
+SWITCHES = {action.dest for action in build_parser()._actions if isinstance(action, argparse.BooleanOptionalAction)}
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
 # Seconds a client is told to wait when Ray turns a request away, as our engine's own 503 says.
