@@ -91,8 +91,10 @@ def main(settings: Settings) -> int:
         log.warning("listening on 0.0.0.0 without an API key: anyone who reaches port %d can use this server; "
                     "set --api-key / API_KEY", settings.port)
 
+    # The event loop and HTTP parser that requirements.txt installs and the tests run, also where
+    # uvloop or httptools happen to be installed (Ray Serve brings both), which uvicorn would pick.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                            timeout_graceful_shutdown=settings.shutdown_timeout)
+                            timeout_graceful_shutdown=settings.shutdown_timeout, loop="asyncio", http="h11")
     Server(config, settings).run(sockets=[sock])
     return 0
 
