@@ -17,6 +17,7 @@ import torch
 
 from .cuda_graphs import StaticDecoder
 from .detokenize import IncrementalDetokenizer, StopStringMatcher
+from .logprobs import TokenLogprob, log_softmax, prompt_logprobs, token_logprobs
 from .openelm import ForwardBatch, OpenELM
 from .sampling import SamplingParams, SamplingRow, new_generator, sample
 from .scheduler import QueueFullError, Scheduler, Sequence
@@ -46,7 +47,11 @@ class EngineError(Exception):
 
 @dataclass(frozen=True)
 class GenerationEvent:
-    """What one step did for one request: new text, new tokens, and whether it is over."""
+    """What one step did for one request: new text, new tokens, and whether it is over.
+
+    ``logprobs`` has one entry per token of ``token_ids`` when the request asked for them;
+    ``prompt_logprobs`` comes with the first event when asked (None for the first prompt token,
+    which has no context)."""
 
     text: str
     token_ids: tuple[int, ...]
@@ -54,6 +59,8 @@ class GenerationEvent:
     completion_tokens: int
     finish_reason: str | None = None
     error: EngineError | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -254,8 +261,24 @@ class Engine:
         positions = torch.arange(longest).expand(len(sequences), longest).to(self.device)
         step = ForwardBatch.build(self.kv_cache, [s.slot for s in sequences], positions)
         hidden = self.model(tokens.to(self.device), step)
-        last = hidden[torch.arange(len(sequences), device=self.device), torch.tensor(lengths, device=self.device) - 1]
-        self._sample_and_emit(sequences, self.model.logits(last))
+        # Logits at every prompt position only for the requests that want prompt logprobs;
+        # the others need the last position alone.
+        scored_prompts = {
+            row: prompt_logprobs(self.model.logits(hidden[row, :lengths[row]]), sequence.prompt_ids,
+                                 sequence.params.prompt_logprobs)
+            for row, sequence in enumerate(sequences) if sequence.params.prompt_logprobs is not None}
+        generating = [row for row, sequence in enumerate(sequences) if sequence.params.max_new_tokens > 0]
+        for row, sequence in enumerate(sequences):
+            if sequence.params.max_new_tokens == 0:  # echo of the prompt's logprobs, nothing generated
+                with self._lock:
+                    self.scheduler.finish(sequence)
+                sequence.deliver(GenerationEvent("", (), lengths[row], 0, "length",
+                                                 prompt_logprobs=scored_prompts.get(row)))
+        if generating:
+            rows = torch.tensor(generating, device=self.device)
+            last = hidden[rows, torch.tensor([lengths[row] - 1 for row in generating], device=self.device)]
+            self._sample_and_emit([sequences[row] for row in generating], self.model.logits(last),
+                                  [scored_prompts.get(row) for row in generating])
 
     def _decode(self, sequences: list[Sequence]) -> None:
         slots = [s.slot for s in sequences]
@@ -269,20 +292,40 @@ class Engine:
             logits = self.model.logits(hidden[:, -1])
         self._sample_and_emit(sequences, logits)
 
-    def _sample_and_emit(self, sequences: list[Sequence], logits: torch.Tensor) -> None:
-        rows = [SamplingRow(s.params, s.prompt_ids, s.output_ids, s.generator) for s in sequences]
-        for sequence, token in zip(sequences, sample(logits, rows)):
-            self._emit(sequence, token)
+    def _sample_and_emit(self, sequences: list[Sequence], logits: torch.Tensor,
+                         scored_prompts: list | None = None) -> None:
+        rows = [SamplingRow(s.params, s.prompt_ids, s.output_ids, s.generator, self._banned_token_ids(s))
+                for s in sequences]
+        asking = [row for row, s in enumerate(sequences) if s.params.logprobs is not None]
+        # Taken before sampling, which adjusts the logits in place.
+        scored = log_softmax(logits[asking]) if asking else None
+        tokens = sample(logits, rows)
+        logprobs: list[tuple[TokenLogprob, ...]] = [()] * len(sequences)
+        if asking:
+            top = max(sequences[row].params.logprobs for row in asking)
+            for row, logprob in zip(asking, token_logprobs(scored, [tokens[row] for row in asking], top)):
+                wanted = sequences[row].params.logprobs
+                logprobs[row] = (TokenLogprob(logprob.token_id, logprob.logprob, logprob.top[:wanted]),)
+        for row, (sequence, token) in enumerate(zip(sequences, tokens)):
+            self._emit(sequence, token, logprobs[row], scored_prompts[row] if scored_prompts else None)
 
-    def _emit(self, sequence: Sequence, token: int) -> None:
+    def _banned_token_ids(self, sequence: Sequence) -> tuple[int, ...]:
+        """EOS may not end an answer shorter than its min_tokens."""
+        if len(sequence.output_ids) < sequence.params.min_tokens and not sequence.params.ignore_eos:
+            return (self.eos_token_id,)
+        return ()
+
+    def _emit(self, sequence: Sequence, token: int, logprobs: tuple[TokenLogprob, ...],
+              scored_prompt: tuple | None) -> None:
         sequence.output_ids.append(token)
         params = sequence.params
         finish_reason = None
+        may_stop = len(sequence.output_ids) >= params.min_tokens
         if token == self.eos_token_id and not params.ignore_eos:
             finish_reason = "stop"
             text = sequence.stop_matcher.add(sequence.detokenizer.flush())
         else:
-            text = sequence.stop_matcher.add(sequence.detokenizer.push(token))
+            text = sequence.stop_matcher.add(sequence.detokenizer.push(token), may_stop)
             if len(sequence.output_ids) >= params.max_new_tokens and not sequence.stop_matcher.stopped:
                 finish_reason = "length"
                 text += sequence.stop_matcher.add(sequence.detokenizer.flush())
@@ -293,4 +336,4 @@ class Engine:
             with self._lock:
                 self.scheduler.finish(sequence)
         sequence.deliver(GenerationEvent(text, (token,), len(sequence.prompt_ids), len(sequence.output_ids),
-                                         finish_reason))
+                                         finish_reason, logprobs=logprobs, prompt_logprobs=scored_prompt))
