@@ -278,3 +278,34 @@ class HealthResponse(BaseModel):
     status: Literal["ok"] = "ok"
     model: str
 
+
+class TokenizeRequest(StrictRequest):
+    """vLLM's /tokenize: a ``prompt`` (BOS added unless add_special_tokens is false), or chat
+    ``messages`` rendered as /v1/chat/completions renders them."""
+
+    model: str | None = None
+    prompt: ValidText | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=1024)] | None = None
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool | None = None
+    return_token_strs: bool | None = None
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(StrictRequest):
+    model: str | None = None
+    tokens: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=1_000_000)]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class VersionResponse(BaseModel):
+    version: str

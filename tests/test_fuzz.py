@@ -19,6 +19,8 @@ from hypothesis import HealthCheck, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
+from openelm_server.http_errors import OPENAI_SHAPED_PATHS
+
 BODY_LIMIT = 200_000
 MAX_TOKENS_LIMIT = 16
 FLAGS = ("--max-batch-size", "8", "--max-model-len", "128", "--max-tokens-limit", str(MAX_TOKENS_LIMIT),
@@ -47,7 +49,7 @@ def assert_error_shape(path: str, response: requests.Response) -> None:
         content_type = content_type[0] if content_type else ""
     assert content_type.startswith("application/json"), response.headers
     body = response.json()
-    if path.startswith("/v1"):
+    if path.startswith(OPENAI_SHAPED_PATHS):
         assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
         assert isinstance(body["error"]["message"], str) and body["error"]["message"]
     else:
