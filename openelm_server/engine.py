@@ -21,6 +21,7 @@ from .logprobs import TokenLogprob, log_softmax, prompt_logprobs, token_logprobs
 from .openelm import ForwardBatch, OpenELM
 from .sampling import SamplingParams, SamplingRow, new_generator, sample
 from .scheduler import QueueFullError, Scheduler, Sequence
+from .structured import Grammars
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,7 @@ class Engine:
         self.device = model.transformer.token_embeddings.weight.device
         self.kv_cache = model.new_kv_cache(config.max_batch_size, config.max_model_len)
         self.scheduler = Scheduler(self.kv_cache, config.max_queue, config.max_prefill_tokens)
+        self.grammars = Grammars(tokenizer, model.config.vocab_size)
         use_graphs = config.cuda_graphs and self.device.type == "cuda"
         self.static_decoder = StaticDecoder(model, self.kv_cache, capture=True) if use_graphs else None
         if self.static_decoder is not None:
@@ -157,7 +159,7 @@ class Engine:
     def submit(self, prompt_ids: list[int], params: SamplingParams, deliver, request_id: str | None = None) -> str:
         """Queue a request; ``deliver`` gets its events on the engine thread. Raises
         :class:`QueueFullError` when the waiting queue is full and ``ValueError`` when the
-        request cannot fit the context."""
+        request cannot fit the context or its output constraint cannot be followed."""
         if not prompt_ids:
             raise ValueError("the prompt has no tokens")
         if len(prompt_ids) + params.max_new_tokens > self.config.max_model_len:
@@ -169,6 +171,7 @@ class Engine:
             detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids),
             stop_matcher=StopStringMatcher(params.stop),
             generator=None if params.greedy else new_generator(params.seed, self.device),
+            constrained=None if params.constraint is None else self.grammars.matcher(params.constraint),
         )
         with self._lock:
             self.scheduler.add(sequence)
@@ -294,8 +297,8 @@ class Engine:
 
     def _sample_and_emit(self, sequences: list[Sequence], logits: torch.Tensor,
                          scored_prompts: list | None = None) -> None:
-        rows = [SamplingRow(s.params, s.prompt_ids, s.output_ids, s.generator, self._banned_token_ids(s))
-                for s in sequences]
+        rows = [SamplingRow(s.params, s.prompt_ids, s.output_ids, s.generator, self._banned_token_ids(s),
+                            s.constrained) for s in sequences]
         asking = [row for row, s in enumerate(sequences) if s.params.logprobs is not None]
         # Taken before sampling, which adjusts the logits in place.
         scored = log_softmax(logits[asking]) if asking else None
@@ -321,6 +324,8 @@ class Engine:
         params = sequence.params
         finish_reason = None
         may_stop = len(sequence.output_ids) >= params.min_tokens
+        if sequence.constrained is not None:
+            sequence.constrained.accept(token)
         if token == self.eos_token_id and not params.ignore_eos:
             finish_reason = "stop"
             text = sequence.stop_matcher.add(sequence.detokenizer.flush())
@@ -331,6 +336,9 @@ class Engine:
                 text += sequence.stop_matcher.add(sequence.detokenizer.flush())
         if sequence.stop_matcher.stopped:
             finish_reason = "stop"
+        elif finish_reason is None and sequence.constrained is not None and sequence.constrained.complete:
+            finish_reason = "stop"  # the structured answer is whole: nothing more may follow
+            text += sequence.stop_matcher.add(sequence.detokenizer.flush())
         if finish_reason is not None:
             text += sequence.stop_matcher.finish()
             with self._lock:

@@ -21,6 +21,7 @@ from .sampling import SamplingParams
 from .schemas import (AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest, ChatLogprobs,
                       Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, ErrorResponse,
                       ModelCard, ModelList, OpenAIRequest, Usage, unsupported_fields)
+from .structured import ANY_OBJECT_SCHEMA, OutputConstraint
 
 router = APIRouter(prefix="/v1", responses={400: {"model": ErrorResponse}, 401: {"model": ErrorResponse},
                                               404: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
@@ -70,6 +71,31 @@ def _choice_seed(seed: int | None, choice: int) -> int | None:
     return shifted - SEED_SPACE if shifted >= SEED_SPACE else shifted
 
 
+def _constraint(body: OpenAIRequest) -> OutputConstraint | None:
+    """response_format as an output constraint: json_object (any JSON object) or json_schema."""
+    response_format = body.response_format
+    if response_format is None or response_format == {"type": "text"}:
+        return None
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "json_object":
+        return OutputConstraint(ANY_OBJECT_SCHEMA)
+    if kind != "json_schema":
+        raise ApiError(400, "response_format must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+                            "{\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}; "
+                            f"type {kind!r} is not supported", param="response_format.type")
+    spec = response_format.get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    if not isinstance(schema, dict):
+        raise ApiError(400, "response_format.json_schema.schema must be a JSON schema object",
+                       param="response_format.json_schema.schema")
+    constraint = OutputConstraint(json.dumps(schema))
+    problem = constraint.problem()
+    if problem:
+        raise ApiError(400, f"response_format.json_schema.schema is not supported: {problem}",
+                       param="response_format.json_schema.schema")
+    return constraint
+
+
 def _params(body: OpenAIRequest, service: GenerationService, max_new_tokens: int, choice: int,
             logprobs: int | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
@@ -92,6 +118,7 @@ def _params(body: OpenAIRequest, service: GenerationService, max_new_tokens: int
         logit_bias=service.logit_bias(body.logit_bias),
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
+        constraint=_constraint(body),
     )
 
 

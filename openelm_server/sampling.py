@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .structured import ConstrainedDecoding, OutputConstraint
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -32,6 +34,8 @@ class SamplingParams:
     logprobs: int | None = None
     # The same for every prompt token but the first (computed on all prompt positions).
     prompt_logprobs: int | None = None
+    # A JSON schema the answer must follow (structured output).
+    constraint: OutputConstraint | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -105,12 +109,15 @@ class SamplingRow:
     generator: torch.Generator | None
     # Tokens this row may not pick at this step (EOS before min_tokens).
     banned_token_ids: tuple[int, ...] = ()
+    # The grammar this row's answer follows, if any.
+    constrained: ConstrainedDecoding | None = None
 
     @property
     def plain_greedy(self) -> bool:
         params = self.params
         return (params.greedy and params.repetition_penalty == 1.0 and not params.presence_penalty
-                and not params.frequency_penalty and not params.logit_bias and not self.banned_token_ids)
+                and not params.frequency_penalty and not params.logit_bias and not self.banned_token_ids
+                and self.constrained is None)
 
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
@@ -121,6 +128,8 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
     tokens = []
     for row_logits, row in zip(logits, rows):
         _penalize(row_logits, row.params, row.prompt_ids, row.output_ids, row.banned_token_ids)
+        if row.constrained is not None:
+            row.constrained.mask(row_logits)
         # A tiny repetition penalty divides logits into infinities; keep them comparable numbers.
         finfo = torch.finfo(row_logits.dtype)
         row_logits = torch.nan_to_num(row_logits, nan=finfo.min, posinf=finfo.max, neginf=finfo.min)

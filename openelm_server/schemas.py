@@ -99,9 +99,11 @@ class OpenAIRequest(SamplingFields):
     ignore_eos: bool | None = Field(None, description="extension (vLLM): EOS does not end the answer")
     min_tokens: int | None = Field(None, ge=0, description="extension (vLLM): EOS and stop strings cannot end "
                                                             "the answer before this many tokens")
-    # OpenAI fields this server does not implement: refused with a 400 that says so when set,
-    # never silently ignored (see UNSUPPORTED_WHEN).
+    # {"type": "text" | "json_object" | "json_schema", "json_schema": {"schema": ...}}: read by
+    # the routes (structured output).
     response_format: Any = None
+    # OpenAI fields this server does not implement: refused with a 400 that says so when set,
+    # never silently ignored (see HARMLESS_VALUES).
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None
@@ -115,7 +117,6 @@ class OpenAIRequest(SamplingFields):
 
 # The values of an unsupported field that still ask for nothing this server lacks.
 HARMLESS_VALUES: dict[str, list] = {
-    "response_format": [None, {"type": "text"}],
     "tools": [None, []],
     "tool_choice": [None, "none"],
     "functions": [None, []],
