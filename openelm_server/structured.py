@@ -62,15 +62,20 @@ class ConstrainedDecoding:
     """One answer's matcher: masks the logits of tokens the grammar forbids, follows the
     tokens chosen, and says when the answer is complete."""
 
+    BIT_POSITIONS = torch.arange(32, dtype=torch.int32)
+
     def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int):
         self.matcher = matcher
         self.bitmask = llguidance.torch.allocate_token_bitmask(1, vocab_size)
 
     def mask(self, logits: torch.Tensor) -> None:
-        """Forbidden tokens to -inf in ``logits`` (one row, on the CPU or a GPU)."""
+        """Forbidden tokens to -inf in ``logits`` (one row, on the CPU or a GPU). The bitmask
+        (32 tokens per int32 word) is unpacked here in plain torch: llguidance's own kernel
+        needs torch.compile, which some machines cannot run."""
         llguidance.torch.fill_next_token_bitmask(self.matcher, self.bitmask, 0)
-        allowed = self.bitmask.to(logits.device, non_blocking=True)
-        llguidance.torch.apply_token_bitmask_inplace(logits.unsqueeze(0), allowed)
+        bits = (self.bitmask[0].unsqueeze(1) >> self.BIT_POSITIONS) & 1
+        allowed = bits.flatten()[:logits.numel()].bool()
+        logits.masked_fill_(~allowed.to(logits.device), float("-inf"))
 
     def accept(self, token_id: int) -> None:
         self.matcher.consume_token(token_id)
