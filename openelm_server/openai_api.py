@@ -22,6 +22,7 @@ from .schemas import (AssistantMessage, ChatChoice, ChatCompletion, ChatCompleti
                       Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, ErrorResponse,
                       ModelCard, ModelList, OpenAIRequest, Usage, unsupported_fields)
 from .structured import ANY_OBJECT_SCHEMA, OutputConstraint
+from .tool_calls import ToolCallPlan, plan_tool_call, tool_calls
 
 router = APIRouter(prefix="/v1", responses={400: {"model": ErrorResponse}, 401: {"model": ErrorResponse},
                                               404: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
@@ -57,8 +58,8 @@ def _check_model(request: Request, body: OpenAIRequest) -> str:
     return name
 
 
-def _refuse_unsupported(body: OpenAIRequest) -> None:
-    for name in unsupported_fields(body):
+def _refuse_unsupported(body: OpenAIRequest, handled: tuple[str, ...] = ()) -> None:
+    for name in unsupported_fields(body, handled):
         raise ApiError(400, f"{name} is not supported by this server; leave it out (or null)", param=name)
 
 
@@ -97,7 +98,8 @@ def _constraint(body: OpenAIRequest) -> OutputConstraint | None:
 
 
 def _params(body: OpenAIRequest, service: GenerationService, max_new_tokens: int, choice: int,
-            logprobs: int | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
+            constraint: OutputConstraint | None, logprobs: int | None = None,
+            prompt_logprobs: int | None = None) -> SamplingParams:
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     min_tokens = body.min_tokens or 0
     if min_tokens > max_new_tokens:
@@ -118,7 +120,7 @@ def _params(body: OpenAIRequest, service: GenerationService, max_new_tokens: int
         logit_bias=service.logit_bias(body.logit_bias),
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
-        constraint=_constraint(body),
+        constraint=constraint,
     )
 
 
@@ -184,6 +186,7 @@ async def create_completion(body: CompletionRequest, request: Request):
         raise ApiError(400, "max_tokens 0 is only allowed with echo (the prompt's logprobs, nothing generated)",
                        param="max_tokens")
     prompts = _completion_prompts(body, service)
+    constraint = _constraint(body)
     jobs = []
     for prompt_ids, text in prompts:
         max_new = service.max_new_tokens(len(prompt_ids), body.max_tokens, "max_tokens",
@@ -191,7 +194,7 @@ async def create_completion(body: CompletionRequest, request: Request):
         # OpenAI echoes the prompt as sent: decoding its tokens would drop a leading space.
         echo = (text if text is not None else service.decode(prompt_ids)) if body.echo else None
         for choice in range(n):
-            params = _params(body, service, max_new, choice, logprobs=body.logprobs,
+            params = _params(body, service, max_new, choice, constraint, logprobs=body.logprobs,
                              prompt_logprobs=body.logprobs if body.echo else None)
             jobs.append(ChoiceJob(prompt_ids, params, echo))
     prompt_tokens = sum(len(ids) for ids, _ in prompts)
@@ -233,11 +236,20 @@ async def _collect_all(service: GenerationService, request: Request, streams: li
 @router.post("/chat/completions", response_model=ChatCompletion)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     model = _check_model(request, body)
-    _refuse_unsupported(body)
+    _refuse_unsupported(body, handled=("tools", "tool_choice"))
     if body.top_logprobs is not None and not body.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     service = _service(request)
+    plan = plan_tool_call(body.tools, body.tool_choice)
+    constraint = _constraint(body)
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    if plan is not None:
+        if constraint is not None:
+            raise ApiError(400, "response_format together with a tool call is not supported", param="response_format")
+        if body.stream:
+            raise ApiError(400, "streaming a tool call is not supported; send stream false", param="stream")
+        constraint = plan.constraint
+        messages = _with_instructions(messages, plan.instructions)
     try:
         prompt = request.app.state.chat_template.render(messages)
     except ChatTemplateError as error:
@@ -247,7 +259,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_new = service.max_new_tokens(len(prompt_ids), requested, param)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    jobs = [ChoiceJob(prompt_ids, _params(body, service, max_new, choice, logprobs=logprobs))
+    jobs = [ChoiceJob(prompt_ids, _params(body, service, max_new, choice, constraint, logprobs=logprobs))
             for choice in range(body.n or 1)]
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
@@ -256,13 +268,35 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         return _sse_response(_chat_chunks(service, completion_id, created, model, streams, logprobs is not None,
                                           len(prompt_ids), _include_usage(body)))
     results = await _collect_all(service, request, streams)
-    choices = [ChatChoice(index=index, message=AssistantMessage(content=result.text),
+    choices = [ChatChoice(index=index, message=_assistant_message(plan, result),
                           logprobs=ChatLogprobs(content=chat_logprobs(service, result.logprobs))
                           if logprobs is not None else None,
-                          finish_reason=result.finish_reason)
+                          finish_reason=_chat_finish_reason(plan, result))
                for index, result in enumerate(results)]
     return ChatCompletion(id=completion_id, created=created, model=model, choices=choices,
                           usage=_usage(len(prompt_ids), sum(r.completion_tokens for r in results)))
+
+
+def _with_instructions(messages: list[dict], instructions: str) -> list[dict]:
+    """The tool-call instructions in the system message (added first if there is none)."""
+    if messages[0]["role"] == "system":
+        return [{"role": "system", "content": f"{messages[0]['content']}\n\n{instructions}"}, *messages[1:]]
+    return [{"role": "system", "content": instructions}, *messages]
+
+
+def _assistant_message(plan: ToolCallPlan | None, result: Generation) -> AssistantMessage:
+    calls = tool_calls(plan, result.text) if plan is not None else None
+    if calls is None:
+        return AssistantMessage(content=result.text)
+    return AssistantMessage(content=None, tool_calls=calls)
+
+
+def _chat_finish_reason(plan: ToolCallPlan | None, result: Generation) -> str | None:
+    """As OpenAI: "tool_calls" when the model called a function of its choice ("required"); a
+    call to the function tool_choice names ends with "stop"."""
+    if plan is not None and plan.function is None and result.finish_reason == "stop":
+        return "tool_calls"
+    return result.finish_reason
 
 
 def _sse_response(chunks: AsyncIterator[str]) -> StreamingResponse:

@@ -130,10 +130,11 @@ HARMLESS_VALUES: dict[str, list] = {
 }
 
 
-def unsupported_fields(body: BaseModel) -> list[str]:
-    """The fields of ``body`` that ask for something this server does not do."""
+def unsupported_fields(body: BaseModel, handled: tuple[str, ...] = ()) -> list[str]:
+    """The fields of ``body`` that ask for something this server does not do; ``handled``
+    names those the caller implements."""
     return [name for name, harmless in HARMLESS_VALUES.items()
-            if name in type(body).model_fields and getattr(body, name) not in harmless]
+            if name in type(body).model_fields and name not in handled and getattr(body, name) not in harmless]
 
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=1_000_000)]
@@ -240,9 +241,21 @@ class Completion(BaseModel):
     usage: Usage | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class TopLogprob(BaseModel):

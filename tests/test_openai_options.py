@@ -1,7 +1,6 @@
 """What real OpenAI and vLLM clients send beyond the basics: explicit nulls, top_p 0,
 logit_bias, ignore_eos, min_tokens, models.retrieve, HEAD /health, /tokenize, /detokenize,
-/version; and what stays unsupported (tools among them) gets a 400 that says so, never
-silently ignored."""
+/version; and what stays unsupported gets a 400 that says so, never silently ignored."""
 
 from __future__ import annotations
 
@@ -145,8 +144,7 @@ def test_gzip_body_is_415_not_a_utf8_error(app):
 
 
 @pytest.mark.parametrize("path, field, value", [
-    ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-    ("/v1/chat/completions", "tool_choice", "required"),
+    ("/v1/completions", "tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
     ("/v1/chat/completions", "functions", [{"name": "f"}]),
     ("/v1/chat/completions", "audio", {"voice": "alloy", "format": "wav"}),
     ("/v1/chat/completions", "modalities", ["text", "audio"]),
