@@ -12,7 +12,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from . import openai_api, server_stats, webui
+from . import openai_api, server_stats, tokenize_api, webui
 from .chat import ChatTemplate
 from .engine import Engine
 from .generation import GenerationService
@@ -47,7 +47,7 @@ def create_app(settings: Settings, engine: Engine, tokenizer, replica_id: str | 
         finally:
             engine.shutdown()
 
-    app = FastAPI(title="OpenELM server", version="1.0",
+    app = FastAPI(title="OpenELM server", version=tokenize_api.SERVER_VERSION,
                   description="OpenELM-3B-Instruct: the tutorial's POST / and an OpenAI-compatible API.",
                   lifespan=lifespan)
     app.state.service = service
@@ -55,7 +55,8 @@ def create_app(settings: Settings, engine: Engine, tokenizer, replica_id: str | 
     app.state.chat_template = ChatTemplate.choose(settings.chat_template, tokenizer)
     _install_error_handlers(app)
 
-    @app.get("/health", response_model=HealthResponse)
+    # HEAD too: load balancers and uptime probes often check with HEAD.
+    @app.api_route("/health", methods=["GET", "HEAD"], response_model=HealthResponse)
     async def health() -> HealthResponse:
         return HealthResponse(model=settings.model_name)
 
@@ -82,6 +83,7 @@ def create_app(settings: Settings, engine: Engine, tokenizer, replica_id: str | 
     app.include_router(openai_api.router)
     app.include_router(server_stats.router)
     app.include_router(webui.router(settings.webui))
+    app.include_router(tokenize_api.router)
     app.add_middleware(GuardMiddleware, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes,
                        metrics=metrics)
     if settings.cors_origins:

@@ -61,14 +61,15 @@ class StopStringMatcher:
         self.released = 0
         self.stopped = False
 
-    def add(self, piece: str) -> str:
-        """Add generated text; return the part that is safe to show now."""
+    def add(self, piece: str, may_stop: bool = True) -> str:
+        """Add generated text; return the part that is safe to show now. While ``may_stop`` is
+        false (an answer still short of its min_tokens) stop strings are let through."""
         if self.stopped:
             return ""
         search_from = max(0, len(self.text) - max((len(s) for s in self.stop), default=0) + 1)
         self.text += piece
         hits = [i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0]
-        if hits:
+        if hits and may_stop:
             self.text = self.text[:min(hits)]
             self.stopped = True
             return self._release(len(self.text))

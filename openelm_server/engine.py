@@ -17,9 +17,11 @@ import torch
 
 from .cuda_graphs import StaticDecoder
 from .detokenize import IncrementalDetokenizer, StopStringMatcher
+from .logprobs import TokenLogprob, log_softmax, prompt_logprobs, token_logprobs
 from .openelm import ForwardBatch, OpenELM
 from .sampling import SamplingParams, SamplingRow, new_generator, sample
 from .scheduler import QueueFullError, Scheduler, Sequence
+from .structured import Grammars
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,11 @@ class EngineError(Exception):
 
 @dataclass(frozen=True)
 class GenerationEvent:
-    """What one step did for one request: new text, new tokens, and whether it is over."""
+    """What one step did for one request: new text, new tokens, and whether it is over.
+
+    ``logprobs`` has one entry per token of ``token_ids`` when the request asked for them;
+    ``prompt_logprobs`` comes with the first event when asked (None for the first prompt token,
+    which has no context)."""
 
     text: str
     token_ids: tuple[int, ...]
@@ -54,6 +60,8 @@ class GenerationEvent:
     completion_tokens: int
     finish_reason: str | None = None
     error: EngineError | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -116,6 +124,7 @@ class Engine:
         self.device = model.transformer.token_embeddings.weight.device
         self.kv_cache = model.new_kv_cache(config.max_batch_size, config.max_model_len)
         self.scheduler = Scheduler(self.kv_cache, config.max_queue, config.max_prefill_tokens)
+        self.grammars = Grammars(tokenizer, model.config.vocab_size)
         use_graphs = config.cuda_graphs and self.device.type == "cuda"
         self.static_decoder = StaticDecoder(model, self.kv_cache, capture=True) if use_graphs else None
         if self.static_decoder is not None:
@@ -150,7 +159,7 @@ class Engine:
     def submit(self, prompt_ids: list[int], params: SamplingParams, deliver, request_id: str | None = None) -> str:
         """Queue a request; ``deliver`` gets its events on the engine thread. Raises
         :class:`QueueFullError` when the waiting queue is full and ``ValueError`` when the
-        request cannot fit the context."""
+        request cannot fit the context or its output constraint cannot be followed."""
         if not prompt_ids:
             raise ValueError("the prompt has no tokens")
         if len(prompt_ids) + params.max_new_tokens > self.config.max_model_len:
@@ -162,6 +171,7 @@ class Engine:
             detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids),
             stop_matcher=StopStringMatcher(params.stop),
             generator=None if params.greedy else new_generator(params.seed, self.device),
+            constrained=None if params.constraint is None else self.grammars.matcher(params.constraint),
         )
         with self._lock:
             self.scheduler.add(sequence)
@@ -254,8 +264,24 @@ class Engine:
         positions = torch.arange(longest).expand(len(sequences), longest).to(self.device)
         step = ForwardBatch.build(self.kv_cache, [s.slot for s in sequences], positions)
         hidden = self.model(tokens.to(self.device), step)
-        last = hidden[torch.arange(len(sequences), device=self.device), torch.tensor(lengths, device=self.device) - 1]
-        self._sample_and_emit(sequences, self.model.logits(last))
+        # Logits at every prompt position only for the requests that want prompt logprobs;
+        # the others need the last position alone.
+        scored_prompts = {
+            row: prompt_logprobs(self.model.logits(hidden[row, :lengths[row]]), sequence.prompt_ids,
+                                 sequence.params.prompt_logprobs)
+            for row, sequence in enumerate(sequences) if sequence.params.prompt_logprobs is not None}
+        generating = [row for row, sequence in enumerate(sequences) if sequence.params.max_new_tokens > 0]
+        for row, sequence in enumerate(sequences):
+            if sequence.params.max_new_tokens == 0:  # echo of the prompt's logprobs, nothing generated
+                with self._lock:
+                    self.scheduler.finish(sequence)
+                sequence.deliver(GenerationEvent("", (), lengths[row], 0, "length",
+                                                 prompt_logprobs=scored_prompts.get(row)))
+        if generating:
+            rows = torch.tensor(generating, device=self.device)
+            last = hidden[rows, torch.tensor([lengths[row] - 1 for row in generating], device=self.device)]
+            self._sample_and_emit([sequences[row] for row in generating], self.model.logits(last),
+                                  [scored_prompts.get(row) for row in generating])
 
     def _decode(self, sequences: list[Sequence]) -> None:
         slots = [s.slot for s in sequences]
@@ -269,28 +295,53 @@ class Engine:
             logits = self.model.logits(hidden[:, -1])
         self._sample_and_emit(sequences, logits)
 
-    def _sample_and_emit(self, sequences: list[Sequence], logits: torch.Tensor) -> None:
-        rows = [SamplingRow(s.params, s.prompt_ids, s.output_ids, s.generator) for s in sequences]
-        for sequence, token in zip(sequences, sample(logits, rows)):
-            self._emit(sequence, token)
+    def _sample_and_emit(self, sequences: list[Sequence], logits: torch.Tensor,
+                         scored_prompts: list | None = None) -> None:
+        rows = [SamplingRow(s.params, s.prompt_ids, s.output_ids, s.generator, self._banned_token_ids(s),
+                            s.constrained) for s in sequences]
+        asking = [row for row, s in enumerate(sequences) if s.params.logprobs is not None]
+        # Taken before sampling, which adjusts the logits in place.
+        scored = log_softmax(logits[asking]) if asking else None
+        tokens = sample(logits, rows)
+        logprobs: list[tuple[TokenLogprob, ...]] = [()] * len(sequences)
+        if asking:
+            top = max(sequences[row].params.logprobs for row in asking)
+            for row, logprob in zip(asking, token_logprobs(scored, [tokens[row] for row in asking], top)):
+                wanted = sequences[row].params.logprobs
+                logprobs[row] = (TokenLogprob(logprob.token_id, logprob.logprob, logprob.top[:wanted]),)
+        for row, (sequence, token) in enumerate(zip(sequences, tokens)):
+            self._emit(sequence, token, logprobs[row], scored_prompts[row] if scored_prompts else None)
 
-    def _emit(self, sequence: Sequence, token: int) -> None:
+    def _banned_token_ids(self, sequence: Sequence) -> tuple[int, ...]:
+        """EOS may not end an answer shorter than its min_tokens."""
+        if len(sequence.output_ids) < sequence.params.min_tokens and not sequence.params.ignore_eos:
+            return (self.eos_token_id,)
+        return ()
+
+    def _emit(self, sequence: Sequence, token: int, logprobs: tuple[TokenLogprob, ...],
+              scored_prompt: tuple | None) -> None:
         sequence.output_ids.append(token)
         params = sequence.params
         finish_reason = None
+        may_stop = len(sequence.output_ids) >= params.min_tokens
+        if sequence.constrained is not None:
+            sequence.constrained.accept(token)
         if token == self.eos_token_id and not params.ignore_eos:
             finish_reason = "stop"
             text = sequence.stop_matcher.add(sequence.detokenizer.flush())
         else:
-            text = sequence.stop_matcher.add(sequence.detokenizer.push(token))
+            text = sequence.stop_matcher.add(sequence.detokenizer.push(token), may_stop)
             if len(sequence.output_ids) >= params.max_new_tokens and not sequence.stop_matcher.stopped:
                 finish_reason = "length"
                 text += sequence.stop_matcher.add(sequence.detokenizer.flush())
         if sequence.stop_matcher.stopped:
             finish_reason = "stop"
+        elif finish_reason is None and sequence.constrained is not None and sequence.constrained.complete:
+            finish_reason = "stop"  # the structured answer is whole: nothing more may follow
+            text += sequence.stop_matcher.add(sequence.detokenizer.flush())
         if finish_reason is not None:
             text += sequence.stop_matcher.finish()
             with self._lock:
                 self.scheduler.finish(sequence)
         sequence.deliver(GenerationEvent(text, (token,), len(sequence.prompt_ids), len(sequence.output_ids),
-                                         finish_reason))
+                                         finish_reason, logprobs=logprobs, prompt_logprobs=scored_prompt))

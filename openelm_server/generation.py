@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from fastapi import Request
 
+from .detokenize import IncrementalDetokenizer
 from .engine import Engine, EngineError, GenerationEvent, QueueFullError, RequestStream
 from .http_errors import ApiError
+from .logprobs import TokenLogprob
 from .metrics import Metrics
 from .sampling import SamplingParams
 from .settings import Settings
@@ -23,6 +27,8 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 DISCONNECT_POLL_SECONDS = 0.2
+# SentencePiece's byte-fallback pieces, one byte each, for characters outside the vocabulary.
+BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 @dataclass
@@ -34,6 +40,10 @@ class Generation:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # With logprobs: one entry per generated token, and where its text starts in ``text``.
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    text_offsets: list[int] = field(default_factory=list)
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
 
 def engine_failure(error: EngineError) -> ApiError:
@@ -50,6 +60,8 @@ class GenerationService:
         self.metrics = metrics
         self.max_model_len = engine.config.max_model_len
         self.max_prompt_tokens = min(settings.max_prompt_tokens or self.max_model_len - 1, self.max_model_len - 1)
+        # Ids the model embeds and the tokenizer can decode.
+        self.vocab_size = min(engine.model.config.vocab_size, len(tokenizer))
 
     def encode(self, text: str, param: str = "prompt") -> list[int]:
         """Token ids with BOS; a 400 when the prompt is empty or longer than the limit."""
@@ -63,8 +75,52 @@ class GenerationService:
                                 f"(context {self.max_model_len} tokens)", param=param, code="context_length_exceeded")
         return ids
 
+    def check_token_ids(self, token_ids: list[int], param: str) -> list[int]:
+        """A prompt given as token ids, taken as sent (no BOS added), checked against the
+        vocabulary and the prompt limit."""
+        if len(token_ids) > self.max_prompt_tokens:
+            raise ApiError(400, f"{param} is {len(token_ids)} tokens; the limit is {self.max_prompt_tokens} "
+                                f"(context {self.max_model_len} tokens)", param=param, code="context_length_exceeded")
+        for index, token_id in enumerate(token_ids):
+            if token_id >= self.vocab_size:
+                raise ApiError(400, f"{param}.{index} is {token_id}, not a token id (the vocabulary has "
+                                    f"{self.vocab_size} tokens)", param=f"{param}.{index}")
+        return token_ids
+
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    @functools.lru_cache(maxsize=65536)
+    def token_text(self, token_id: int) -> tuple[str, bytes]:
+        """A token as logprobs show it, and its UTF-8 bytes: SentencePiece's word-start mark
+        becomes a space; a byte token that is not a whole character shows as ``bytes:\\xNN``
+        (OpenAI's way), its ``bytes`` being that one byte."""
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        byte = BYTE_PIECE.fullmatch(piece)
+        if byte:
+            value = int(byte.group(1), 16)
+            return (chr(value) if value < 0x80 else f"bytes:\\x{value:02x}"), bytes([value])
+        text = piece.replace("\u2581", " ")
+        return text, text.encode("utf-8")
+
+    def text_offsets(self, token_ids: list[int]) -> list[int]:
+        """Where each token's text starts in the text the tokens decode to."""
+        detokenizer = IncrementalDetokenizer(self.tokenizer, [])
+        offsets, length = [], 0
+        for token_id in token_ids:
+            offsets.append(length)
+            length += len(detokenizer.push(token_id))
+        return offsets
+
+    def logit_bias(self, bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+        """OpenAI's logit_bias (token ids as strings) as (id, bias) pairs."""
+        pairs: dict[int, float] = {}
+        for key, value in (bias or {}).items():
+            if not key.isascii() or not key.isdigit() or int(key) >= self.vocab_size:
+                raise ApiError(400, f"logit_bias: {key!r} is not a token id (0 to {self.vocab_size - 1})",
+                               param=f"logit_bias.{key}")
+            pairs[int(key)] = pairs.get(int(key), 0.0) + value
+        return tuple(pairs.items())
 
     def max_new_tokens(self, prompt_tokens: int, requested: int | None, param: str,
                        default: int | None = None) -> int:
@@ -133,6 +189,10 @@ class GenerationService:
 
         async def consume() -> Generation:
             async for event in events:
+                result.text_offsets.extend(len(result.text) for _ in event.logprobs)
+                result.logprobs.extend(event.logprobs)
+                if event.prompt_logprobs is not None:
+                    result.prompt_logprobs = event.prompt_logprobs
                 result.text += event.text
                 result.token_ids.extend(event.token_ids)
                 result.finish_reason = event.finish_reason

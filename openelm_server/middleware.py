@@ -24,7 +24,7 @@ access_log = logging.getLogger("openelm_server.access")
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 KNOWN_ROUTES = {"/", "/health", "/metrics", "/stats", "/v1/models", "/v1/completions", "/v1/chat/completions",
-                "/docs", "/openapi.json"}
+                "/tokenize", "/detokenize", "/version", "/docs", "/openapi.json"}
 OPEN_ROUTES = {"/health"}
 
 
@@ -79,6 +79,11 @@ class GuardMiddleware:
             if self.api_key and _needs_key(scope["method"], path) and not self._authorized(headers):
                 return await answer(ApiError(401, "missing or invalid API key; send 'Authorization: Bearer <key>'",
                                              code="invalid_api_key"))
+            encoding = headers.get("content-encoding", "identity").strip().lower()
+            if encoding not in ("", "identity"):
+                # Read as JSON, a compressed body would fail with a misleading UTF-8 error.
+                return await answer(ApiError(415, f"Content-Encoding {encoding} is not supported; send the body "
+                                                  "uncompressed", code="unsupported_content_encoding"))
             declared = headers.get("content-length", "")
             if declared.isdigit() and int(declared) > self.max_body_bytes:
                 return await answer(self._too_large())

@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 import uuid
+from dataclasses import dataclass
 from typing import AsyncIterator
 
 from fastapi import APIRouter, Request
@@ -14,9 +15,14 @@ from fastapi.responses import StreamingResponse
 from .chat import ChatTemplateError
 from .generation import Generation, GenerationService
 from .http_errors import ApiError, error_body
+from .openai_logprobs import (chat_logprobs, generated_logprobs, join_completion_logprobs,
+                              prompt_logprobs)
 from .sampling import SamplingParams
-from .schemas import (AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest, Completion,
-                      CompletionChoice, CompletionRequest, ErrorResponse, ModelCard, ModelList, OpenAIRequest, Usage)
+from .schemas import (AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest, ChatLogprobs,
+                      Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, ErrorResponse,
+                      ModelCard, ModelList, OpenAIRequest, Usage, unsupported_fields)
+from .structured import ANY_OBJECT_SCHEMA, OutputConstraint
+from .tool_calls import ToolCallPlan, plan_tool_call, tool_calls
 
 router = APIRouter(prefix="/v1", responses={400: {"model": ErrorResponse}, 401: {"model": ErrorResponse},
                                               404: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
@@ -24,10 +30,26 @@ router = APIRouter(prefix="/v1", responses={400: {"model": ErrorResponse}, 401: 
 STARTED = int(time.time())
 # OpenAI's default for /v1/completions; chat answers may use all the room left.
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+SEED_SPACE = 2**64
+
+
+@dataclass
+class ChoiceJob:
+    """One choice of an answer: the prompt it continues, how, and what it echoes (None: no echo)."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    echo: str | None = None
 
 
 def _service(request: Request) -> GenerationService:
     return request.app.state.service
+
+
+def _model_not_found(asked: str, settings) -> ApiError:
+    accepted = ", ".join(repr(n) for n in (settings.model_name, *settings.model_aliases))
+    return ApiError(404, f"the model {asked!r} does not exist; this server serves {settings.model_name!r} "
+                         f"(accepted names: {accepted})", param="model", code="model_not_found")
 
 
 def _check_model(request: Request, body: OpenAIRequest) -> str:
@@ -35,24 +57,73 @@ def _check_model(request: Request, body: OpenAIRequest) -> str:
     settings = request.app.state.settings
     name = settings.model_name
     if body.model is not None and body.model != name and body.model not in settings.model_aliases:
-        accepted = ", ".join(repr(n) for n in (name, *settings.model_aliases))
-        raise ApiError(404, f"the model {body.model!r} does not exist; this server serves {name!r} "
-                            f"(accepted names: {accepted})", param="model", code="model_not_found")
+        raise _model_not_found(body.model, settings)
     return name
 
 
-def _params(body: OpenAIRequest, max_new_tokens: int) -> SamplingParams:
+def _refuse_unsupported(body: OpenAIRequest, handled: tuple[str, ...] = ()) -> None:
+    for name in unsupported_fields(body, handled):
+        raise ApiError(400, f"{name} is not supported by this server; leave it out (or null)", param=name)
+
+
+def _choice_seed(seed: int | None, choice: int) -> int | None:
+    """Choice i of a seeded request samples with seed + i, so that every choice differs and the
+    whole answer is reproducible; wrapped to stay a valid 64-bit seed."""
+    if seed is None:
+        return None
+    shifted = seed + choice
+    return shifted - SEED_SPACE if shifted >= SEED_SPACE else shifted
+
+
+def _constraint(body: OpenAIRequest) -> OutputConstraint | None:
+    """response_format as an output constraint: json_object (any JSON object) or json_schema."""
+    response_format = body.response_format
+    if response_format is None or response_format == {"type": "text"}:
+        return None
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "json_object":
+        return OutputConstraint(ANY_OBJECT_SCHEMA)
+    if kind != "json_schema":
+        raise ApiError(400, "response_format must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+                            "{\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}; "
+                            f"type {kind!r} is not supported", param="response_format.type")
+    spec = response_format.get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    if not isinstance(schema, dict):
+        raise ApiError(400, "response_format.json_schema.schema must be a JSON schema object",
+                       param="response_format.json_schema.schema")
+    constraint = OutputConstraint(json.dumps(schema))
+    problem = constraint.problem()
+    if problem:
+        raise ApiError(400, f"response_format.json_schema.schema is not supported: {problem}",
+                       param="response_format.json_schema.schema")
+    return constraint
+
+
+def _params(body: OpenAIRequest, service: GenerationService, max_new_tokens: int, choice: int,
+            constraint: OutputConstraint | None, logprobs: int | None = None,
+            prompt_logprobs: int | None = None) -> SamplingParams:
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    min_tokens = body.min_tokens or 0
+    if min_tokens > max_new_tokens:
+        raise ApiError(400, f"min_tokens is {min_tokens}, more than the {max_new_tokens} tokens this answer may have",
+                       param="min_tokens")
     return SamplingParams(
         max_new_tokens=max_new_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
         top_k=body.top_k or 0,
         repetition_penalty=body.repetition_penalty or 1.0,
-        presence_penalty=body.presence_penalty,
-        frequency_penalty=body.frequency_penalty,
-        seed=body.seed,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        seed=_choice_seed(body.seed, choice),
         stop=stop,
+        ignore_eos=bool(body.ignore_eos),
+        min_tokens=min_tokens,
+        logit_bias=service.logit_bias(body.logit_bias),
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+        constraint=constraint,
     )
 
 
@@ -61,55 +132,127 @@ def _sse(payload: dict | str) -> str:
     return f"data: {data}\n\n"
 
 
-def _usage(results: list[Generation]) -> Usage:
-    prompt = sum(r.prompt_tokens for r in results)
-    completion = sum(r.completion_tokens for r in results)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+    """Prompt tokens count once per prompt, however many choices continue it (as OpenAI counts)."""
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                 total_tokens=prompt_tokens + completion_tokens)
+
+
+def _include_usage(body: OpenAIRequest) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
 
 
 @router.get("/models", response_model=ModelList)
 async def list_models(request: Request) -> ModelList:
-    service = _service(request)
-    return ModelList(data=[ModelCard(id=request.app.state.settings.model_name, created=STARTED,
-                                     max_model_len=service.max_model_len)])
+    return ModelList(data=[_model_card(request)])
+
+
+@router.get("/models/{model_id:path}", response_model=ModelCard)
+async def retrieve_model(model_id: str, request: Request) -> ModelCard:
+    settings = request.app.state.settings
+    if model_id != settings.model_name and model_id not in settings.model_aliases:
+        raise _model_not_found(model_id, settings)
+    return _model_card(request)
+
+
+def _model_card(request: Request) -> ModelCard:
+    return ModelCard(id=request.app.state.settings.model_name, created=STARTED,
+                     max_model_len=_service(request).max_model_len)
+
+
+def _completion_prompts(body: CompletionRequest, service: GenerationService) -> list[tuple[list[int], str | None]]:
+    """(token ids, text as sent) of each prompt. Text is tokenized with BOS first; token ids are
+    taken as sent (text None), as vLLM and lm-eval expect."""
+    prompt = body.prompt
+    if isinstance(prompt, str):
+        return [(service.encode(prompt, "prompt"), prompt)]
+    if isinstance(prompt[0], int):
+        return [(service.check_token_ids(prompt, "prompt"), None)]
+    prompts = []
+    for index, item in enumerate(prompt):
+        if isinstance(item, str):
+            prompts.append((service.encode(item, f"prompt.{index}"), item))
+        else:
+            prompts.append((service.check_token_ids(item, f"prompt.{index}"), None))
+    return prompts
 
 
 @router.post("/completions", response_model=Completion)
 async def create_completion(body: CompletionRequest, request: Request):
     model = _check_model(request, body)
+    _refuse_unsupported(body)
     service = _service(request)
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    n = body.n or 1
+    if body.best_of is not None and body.best_of != n:
+        raise ApiError(400, f"best_of {body.best_of} is not supported; only best_of equal to n ({n})", param="best_of")
+    if body.max_tokens == 0 and not body.echo:
+        raise ApiError(400, "max_tokens 0 is only allowed with echo (the prompt's logprobs, nothing generated)",
+                       param="max_tokens")
+    prompts = _completion_prompts(body, service)
+    constraint = _constraint(body)
     jobs = []
-    for index, prompt in enumerate(prompts):
-        param = "prompt" if isinstance(body.prompt, str) else f"prompt.{index}"
-        prompt_ids = service.encode(prompt, param)
-        params = _params(body, service.max_new_tokens(len(prompt_ids), body.max_tokens, "max_tokens",
-                                                      default=COMPLETIONS_DEFAULT_MAX_TOKENS))
+    for prompt_ids, text in prompts:
+        max_new = service.max_new_tokens(len(prompt_ids), body.max_tokens, "max_tokens",
+                                         default=COMPLETIONS_DEFAULT_MAX_TOKENS)
         # OpenAI echoes the prompt as sent: decoding its tokens would drop a leading space.
-        echo = prompt if body.echo else ""
-        jobs.append((prompt_ids, params, echo))
+        echo = (text if text is not None else service.decode(prompt_ids)) if body.echo else None
+        for choice in range(n):
+            params = _params(body, service, max_new, choice, constraint, logprobs=body.logprobs,
+                             prompt_logprobs=body.logprobs if body.echo else None)
+            jobs.append(ChoiceJob(prompt_ids, params, echo))
+    prompt_tokens = sum(len(ids) for ids, _ in prompts)
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
-    streams = service.start([(ids, params) for ids, params, _ in jobs])
+    streams = service.start([(job.prompt_ids, job.params) for job in jobs])
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _sse_response(_completion_chunks(completion_id, created, model, jobs, streams, include_usage))
+        return _sse_response(_completion_chunks(service, completion_id, created, model, jobs, streams,
+                                                body.logprobs, prompt_tokens, _include_usage(body)))
+    results = await _collect_all(service, request, streams)
+    choices = [CompletionChoice(index=index, text=(job.echo or "") + result.text,
+                                logprobs=_completion_choice_logprobs(service, job, result, body.logprobs),
+                                finish_reason=result.finish_reason)
+               for index, (job, result) in enumerate(zip(jobs, results))]
+    return Completion(id=completion_id, created=created, model=model, choices=choices,
+                      usage=_usage(prompt_tokens, sum(r.completion_tokens for r in results)))
+
+
+def _completion_choice_logprobs(service: GenerationService, job: ChoiceJob, result: Generation,
+                                logprobs: int | None) -> CompletionLogprobs | None:
+    if logprobs is None:
+        return None
+    scored = generated_logprobs(service, result.logprobs, result.text_offsets, len(job.echo or ""))
+    if job.echo is not None:
+        scored = join_completion_logprobs(
+            prompt_logprobs(service, job.prompt_ids, result.prompt_logprobs, job.echo), scored)
+    return CompletionLogprobs(**scored)
+
+
+async def _collect_all(service: GenerationService, request: Request, streams: list) -> list[Generation]:
     tasks = [asyncio.ensure_future(service.collect(request, events)) for events in streams]
     try:
-        results = await asyncio.gather(*tasks)
+        return list(await asyncio.gather(*tasks))
     finally:
         for task in tasks:
             task.cancel()  # one failed: the others stop too
-    choices = [CompletionChoice(index=i, text=echo + r.text, finish_reason=r.finish_reason)
-               for i, ((_, _, echo), r) in enumerate(zip(jobs, results))]
-    return Completion(id=completion_id, created=created, model=model, choices=choices, usage=_usage(list(results)))
 
 
 @router.post("/chat/completions", response_model=ChatCompletion)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     model = _check_model(request, body)
+    _refuse_unsupported(body, handled=("tools", "tool_choice"))
+    if body.top_logprobs is not None and not body.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     service = _service(request)
+    plan = plan_tool_call(body.tools, body.tool_choice)
+    constraint = _constraint(body)
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    if plan is not None:
+        if constraint is not None:
+            raise ApiError(400, "response_format together with a tool call is not supported", param="response_format")
+        if body.stream:
+            raise ApiError(400, "streaming a tool call is not supported; send stream false", param="stream")
+        constraint = plan.constraint
+        messages = _with_instructions(messages, plan.instructions)
     try:
         prompt = request.app.state.chat_template.render(messages)
     except ChatTemplateError as error:
@@ -117,16 +260,46 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     prompt_ids = service.encode(prompt, "messages")
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-    params = _params(body, service.max_new_tokens(len(prompt_ids), requested, param))
+    max_new = service.max_new_tokens(len(prompt_ids), requested, param)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    jobs = [ChoiceJob(prompt_ids, _params(body, service, max_new, choice, constraint, logprobs=logprobs))
+            for choice in range(body.n or 1)]
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
-    [events] = service.start([(prompt_ids, params)])
+    streams = service.start([(job.prompt_ids, job.params) for job in jobs])
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _sse_response(_chat_chunks(completion_id, created, model, len(prompt_ids), events, include_usage))
-    result = await service.collect(request, events)
-    choice = ChatChoice(index=0, message=AssistantMessage(content=result.text), finish_reason=result.finish_reason)
-    return ChatCompletion(id=completion_id, created=created, model=model, choices=[choice], usage=_usage([result]))
+        return _sse_response(_chat_chunks(service, completion_id, created, model, streams, logprobs is not None,
+                                          len(prompt_ids), _include_usage(body)))
+    results = await _collect_all(service, request, streams)
+    choices = [ChatChoice(index=index, message=_assistant_message(plan, result),
+                          logprobs=ChatLogprobs(content=chat_logprobs(service, result.logprobs))
+                          if logprobs is not None else None,
+                          finish_reason=_chat_finish_reason(plan, result))
+               for index, result in enumerate(results)]
+    return ChatCompletion(id=completion_id, created=created, model=model, choices=choices,
+                          usage=_usage(len(prompt_ids), sum(r.completion_tokens for r in results)))
+
+
+def _with_instructions(messages: list[dict], instructions: str) -> list[dict]:
+    """The tool-call instructions in the system message (added first if there is none)."""
+    if messages[0]["role"] == "system":
+        return [{"role": "system", "content": f"{messages[0]['content']}\n\n{instructions}"}, *messages[1:]]
+    return [{"role": "system", "content": instructions}, *messages]
+
+
+def _assistant_message(plan: ToolCallPlan | None, result: Generation) -> AssistantMessage:
+    calls = tool_calls(plan, result.text) if plan is not None else None
+    if calls is None:
+        return AssistantMessage(content=result.text)
+    return AssistantMessage(content=None, tool_calls=calls)
+
+
+def _chat_finish_reason(plan: ToolCallPlan | None, result: Generation) -> str | None:
+    """As OpenAI: "tool_calls" when the model called a function of its choice ("required"); a
+    call to the function tool_choice names ends with "stop"."""
+    if plan is not None and plan.function is None and result.finish_reason == "stop":
+        return "tool_calls"
+    return result.finish_reason
 
 
 def _sse_response(chunks: AsyncIterator[str]) -> StreamingResponse:
@@ -164,50 +337,68 @@ async def _merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, objec
             await stream.aclose()
 
 
-async def _completion_chunks(completion_id: str, created: int, model: str, jobs: list, streams: list,
+async def _completion_chunks(service: GenerationService, completion_id: str, created: int, model: str,
+                             jobs: list[ChoiceJob], streams: list, logprobs: int | None, prompt_tokens: int,
                              include_usage: bool) -> AsyncIterator[str]:
-    def chunk(index: int, text: str, finish_reason: str | None) -> str:
+    """Choices interleaved as their tokens come; each choice's echo comes first, with the
+    prompt's logprobs (known once its prompt is prefilled)."""
+    def chunk(index: int, text: str, finish_reason: str | None, scored: dict | None = None) -> str:
         return _sse({"id": completion_id, "object": "text_completion", "created": created, "model": model,
-                     "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}]})
+                     "choices": [{"index": index, "text": text, "logprobs": scored, "finish_reason": finish_reason}]})
 
-    results = [Generation(prompt_tokens=len(ids)) for ids, _, _ in jobs]
-    for index, (_, _, echo) in enumerate(jobs):
-        if echo:
-            yield chunk(index, echo, None)
+    completion_tokens = [0] * len(jobs)
+    sent_characters = [len(job.echo or "") for job in jobs]  # where the next text starts (text_offset)
+    echoed = [False] * len(jobs)
     async for index, event in _merge(streams):
         if isinstance(event, ApiError):
             yield _sse(error_body("/v1", event))
             return
-        results[index].completion_tokens = event.completion_tokens
-        if event.text or event.finish_reason:
-            yield chunk(index, event.text, event.finish_reason)
+        job = jobs[index]
+        if job.echo is not None and not echoed[index]:
+            echoed[index] = True
+            scored = None if logprobs is None else prompt_logprobs(service, job.prompt_ids, event.prompt_logprobs,
+                                                                   job.echo)
+            yield chunk(index, job.echo, None, scored)
+        completion_tokens[index] = event.completion_tokens
+        scored = None
+        if logprobs is not None and event.logprobs:
+            scored = generated_logprobs(service, list(event.logprobs), [0] * len(event.logprobs),
+                                        sent_characters[index])
+        sent_characters[index] += len(event.text)
+        if event.text or event.finish_reason or scored:
+            yield chunk(index, event.text, event.finish_reason, scored)
     if include_usage:
         yield _sse({"id": completion_id, "object": "text_completion", "created": created, "model": model,
-                    "choices": [], "usage": _usage(results).model_dump()})
+                    "choices": [], "usage": _usage(prompt_tokens, sum(completion_tokens)).model_dump()})
     yield _sse("[DONE]")
 
 
-async def _chat_chunks(completion_id: str, created: int, model: str, prompt_tokens: int, events: AsyncIterator,
-                       include_usage: bool) -> AsyncIterator[str]:
-    def chunk(delta: dict, finish_reason: str | None) -> str:
+async def _chat_chunks(service: GenerationService, completion_id: str, created: int, model: str, streams: list,
+                       logprobs: bool, prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
+    def chunk(index: int, delta: dict, finish_reason: str | None, scored: list | None = None) -> str:
         return _sse({"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                     "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]})
+                     "choices": [{"index": index, "delta": delta,
+                                  "logprobs": None if scored is None else {"content": scored},
+                                  "finish_reason": finish_reason}]})
 
-    result = Generation(prompt_tokens=prompt_tokens)
+    completion_tokens = [0] * len(streams)
     try:
-        yield chunk({"role": "assistant", "content": ""}, None)
-        async for event in events:
-            result.completion_tokens = event.completion_tokens
-            if event.text:
-                yield chunk({"content": event.text}, None)
+        for index in range(len(streams)):
+            yield chunk(index, {"role": "assistant", "content": ""}, None)
+        async for index, event in _merge(streams):
+            if isinstance(event, ApiError):
+                yield _sse(error_body("/v1", event))
+                return
+            completion_tokens[index] = event.completion_tokens
+            scored = chat_logprobs(service, list(event.logprobs)) if logprobs and event.logprobs else None
+            if event.text or scored:
+                yield chunk(index, {"content": event.text}, None, scored)
             if event.finish_reason:
-                yield chunk({}, event.finish_reason)
-    except ApiError as error:
-        yield _sse(error_body("/v1", error))
-        return
+                yield chunk(index, {}, event.finish_reason)
     finally:
-        await events.aclose()
+        for stream in streams:  # a client gone before the first token stops its requests too
+            await stream.aclose()
     if include_usage:
         yield _sse({"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                    "choices": [], "usage": _usage([result]).model_dump()})
+                    "choices": [], "usage": _usage(prompt_tokens, sum(completion_tokens)).model_dump()})
     yield _sse("[DONE]")

@@ -30,6 +30,7 @@ class Sequence:
     detokenizer: IncrementalDetokenizer
     stop_matcher: StopStringMatcher
     generator: Any = None
+    constrained: Any = None  # the grammar matcher of a structured answer
     output_ids: list[int] = field(default_factory=list)
     slot: int | None = None
     arrival_time: float = field(default_factory=time.monotonic)

@@ -6,12 +6,16 @@ are ignored, so that clients sending extra OpenAI fields keep working.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 SEED_RANGE = dict(ge=-(2**63), le=2**64 - 1)
 MAX_STOP_STRINGS = 16
+MAX_PROMPTS = 64
+MAX_CHOICES = 16
+MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS_ENTRIES = 1024
 
 
 def _valid_unicode(value: str) -> str:
@@ -56,7 +60,6 @@ StopField = Union[Annotated[str, Field(min_length=1, max_length=256)],
 
 class SamplingFields(StrictRequest):
     temperature: float | None = Field(None, ge=0, le=100)
-    top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0, description="extension: keep the k most likely tokens (0 = all)")
     repetition_penalty: float | None = Field(None, gt=0, le=10, description="extension: as in transformers; OpenELM's authors use 1.2")
     seed: int | None = Field(None, **SEED_RANGE)
@@ -67,6 +70,7 @@ class TutorialRequest(SamplingFields):
     """The body of ``POST /``: the original tutorial's ``{"prompt": ...}`` plus optional knobs."""
 
     prompt: ValidText
+    top_p: float | None = Field(None, gt=0, le=1)
     max_length: int | None = Field(None, ge=1, description="tokens in prompt + answer (default 384, as the tutorial)")
     max_new_tokens: int | None = Field(None, ge=1, description="tokens in the answer; wins over max_length")
     do_sample: bool = False
@@ -74,26 +78,77 @@ class TutorialRequest(SamplingFields):
 
 
 class StreamOptions(StrictRequest):
-    include_usage: bool = False
+    include_usage: bool | None = None
 
 
 class OpenAIRequest(SamplingFields):
+    """Fields both OpenAI routes share. Every optional field also takes an explicit null, which
+    the openai SDK sends when a caller passes None."""
+
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
-    stream: bool = False
+    # 0 = greedy-equivalent: only the best token is kept, as OpenAI accepts it.
+    top_p: float | None = Field(None, ge=0, le=1)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    n: int | None = Field(None, ge=1, le=MAX_CHOICES)
+    stream: bool | None = None
     stream_options: StreamOptions | None = None
-    logprobs: None = Field(None, description="not supported")
     user: str | None = None
+    logit_bias: Annotated[dict[str, Annotated[float, Field(ge=-100, le=100)]],
+                          Field(max_length=MAX_LOGIT_BIAS_ENTRIES)] | None = None
+    ignore_eos: bool | None = Field(None, description="extension (vLLM): EOS does not end the answer")
+    min_tokens: int | None = Field(None, ge=0, description="extension (vLLM): EOS and stop strings cannot end "
+                                                            "the answer before this many tokens")
+    # {"type": "text" | "json_object" | "json_schema", "json_schema": {"schema": ...}}: read by
+    # the routes (structured output).
+    response_format: Any = None
+    # OpenAI fields this server does not implement: refused with a 400 that says so when set,
+    # never silently ignored (see HARMLESS_VALUES).
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+    reasoning_effort: Any = None
+
+
+# The values of an unsupported field that still ask for nothing this server lacks.
+HARMLESS_VALUES: dict[str, list] = {
+    "tools": [None, []],
+    "tool_choice": [None, "none"],
+    "functions": [None, []],
+    "function_call": [None, "none"],
+    "audio": [None],
+    "modalities": [None, ["text"]],
+    "prediction": [None],
+    "web_search_options": [None],
+    "reasoning_effort": [None],
+    "suffix": [None, ""],
+}
+
+
+def unsupported_fields(body: BaseModel, handled: tuple[str, ...] = ()) -> list[str]:
+    """The fields of ``body`` that ask for something this server does not do; ``handled``
+    names those the caller implements."""
+    return [name for name, harmless in HARMLESS_VALUES.items()
+            if name in type(body).model_fields and name not in handled and getattr(body, name) not in harmless]
+
+
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=1_000_000)]
 
 
 class CompletionRequest(OpenAIRequest):
-    prompt: Union[ValidText, Annotated[list[ValidText], Field(min_length=1, max_length=64)]]
-    echo: bool = False
-    best_of: int | None = Field(None, ge=1, le=1, description="only 1 is supported")
-    suffix: None = Field(None, description="not supported")
+    prompt: Union[ValidText, Annotated[list[ValidText], Field(min_length=1, max_length=MAX_PROMPTS)],
+                  TokenIds, Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]]
+    # 0 only with echo: the prompt's logprobs and nothing generated (lm-eval's loglikelihood).
+    max_tokens: int | None = Field(None, ge=0)
+    echo: bool | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    best_of: int | None = Field(None, ge=1, le=MAX_CHOICES, description="only equal to n is supported")
+    suffix: Any = None
 
 
 class ContentPart(StrictRequest):
@@ -113,7 +168,10 @@ class ChatMessage(StrictRequest):
 
 class ChatCompletionRequest(OpenAIRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=1024)]
+    max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
 class Usage(BaseModel):
@@ -158,10 +216,19 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy shape: one entry per token (prompt tokens first with echo)."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
 
 
@@ -174,15 +241,41 @@ class Completion(BaseModel):
     usage: Usage | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None
 
 
@@ -198,3 +291,35 @@ class ChatCompletion(BaseModel):
 class HealthResponse(BaseModel):
     status: Literal["ok"] = "ok"
     model: str
+
+
+class TokenizeRequest(StrictRequest):
+    """vLLM's /tokenize: a ``prompt`` (BOS added unless add_special_tokens is false), or chat
+    ``messages`` rendered as /v1/chat/completions renders them."""
+
+    model: str | None = None
+    prompt: ValidText | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=1024)] | None = None
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool | None = None
+    return_token_strs: bool | None = None
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(StrictRequest):
+    model: str | None = None
+    tokens: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=1_000_000)]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class VersionResponse(BaseModel):
+    version: str

@@ -613,16 +613,16 @@ def test_served_model_name_is_the_only_name(start_server, serving_dirs):
 
 BAD_COMPLETIONS = [
     (dict(temperature=-1), "temperature", None),
-    (dict(n=2), "n", None),
+    (dict(n=17), "n", None),
     (dict(max_tokens=0), "max_tokens", None),
-    (dict(top_p=0), "top_p", None),
+    (dict(top_p=-0.1), "top_p", None),
     (dict(top_p=1.5), "top_p", None),
     (dict(prompt="word " * 3000), "prompt", "context_length_exceeded"),
     (dict(prompt="hello " * 600), "prompt", "context_length_exceeded"),
     (dict(max_tokens=600), "max_tokens", "context_length_exceeded"),
     (dict(max_tokens=5000), "max_tokens", None),
     (dict(best_of=3), "best_of", None),
-    (dict(logprobs=2), "logprobs", None),
+    (dict(logprobs=21), "logprobs", None),
 ]
 
 
@@ -637,9 +637,9 @@ def test_bad_completion_parameters_are_400(client, model_name, override, param, 
 
 BAD_CHATS = [
     (dict(temperature=-1), "temperature"),
-    (dict(n=2), "n"),
+    (dict(n=17), "n"),
     (dict(max_tokens=0), "max_tokens"),
-    (dict(top_p=0), "top_p"),
+    (dict(top_p=-0.1), "top_p"),
     (dict(max_tokens=600), "max_tokens"),
     (dict(max_completion_tokens=600), "max_completion_tokens"),
     (dict(messages=user("word " * 3000)), "messages"),
