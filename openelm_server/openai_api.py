@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -334,14 +335,18 @@ async def _merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, objec
         for task in tasks:
             task.cancel()
         for stream in streams:
-            await stream.aclose()
+            # A pump still inside its stream (its cancel not yet delivered) cannot close it
+            # from here; the cancel closes it as it unwinds the stream.
+            with contextlib.suppress(RuntimeError):
+                await stream.aclose()
 
 
 async def _completion_chunks(service: GenerationService, completion_id: str, created: int, model: str,
                              jobs: list[ChoiceJob], streams: list, logprobs: int | None, prompt_tokens: int,
                              include_usage: bool) -> AsyncIterator[str]:
-    """Choices interleaved as their tokens come; each choice's echo comes first, with the
-    prompt's logprobs (known once its prompt is prefilled)."""
+    """Choices interleaved as their tokens come; each choice's echo comes first: at once (a
+    client sees the stream open even while its request waits for a slot), or with logprobs
+    once its prompt is prefilled and scored."""
     def chunk(index: int, text: str, finish_reason: str | None, scored: dict | None = None) -> str:
         return _sse({"id": completion_id, "object": "text_completion", "created": created, "model": model,
                      "choices": [{"index": index, "text": text, "logprobs": scored, "finish_reason": finish_reason}]})
@@ -349,6 +354,11 @@ async def _completion_chunks(service: GenerationService, completion_id: str, cre
     completion_tokens = [0] * len(jobs)
     sent_characters = [len(job.echo or "") for job in jobs]  # where the next text starts (text_offset)
     echoed = [False] * len(jobs)
+    if logprobs is None:
+        for index, job in enumerate(jobs):
+            if job.echo is not None:
+                echoed[index] = True
+                yield chunk(index, job.echo, None)
     async for index, event in _merge(streams):
         if isinstance(event, ApiError):
             yield _sse(error_body("/v1", event))
@@ -382,22 +392,18 @@ async def _chat_chunks(service: GenerationService, completion_id: str, created: 
                                   "finish_reason": finish_reason}]})
 
     completion_tokens = [0] * len(streams)
-    try:
-        for index in range(len(streams)):
-            yield chunk(index, {"role": "assistant", "content": ""}, None)
-        async for index, event in _merge(streams):
-            if isinstance(event, ApiError):
-                yield _sse(error_body("/v1", event))
-                return
-            completion_tokens[index] = event.completion_tokens
-            scored = chat_logprobs(service, list(event.logprobs)) if logprobs and event.logprobs else None
-            if event.text or scored:
-                yield chunk(index, {"content": event.text}, None, scored)
-            if event.finish_reason:
-                yield chunk(index, {}, event.finish_reason)
-    finally:
-        for stream in streams:  # a client gone before the first token stops its requests too
-            await stream.aclose()
+    for index in range(len(streams)):
+        yield chunk(index, {"role": "assistant", "content": ""}, None)
+    async for index, event in _merge(streams):
+        if isinstance(event, ApiError):
+            yield _sse(error_body("/v1", event))
+            return
+        completion_tokens[index] = event.completion_tokens
+        scored = chat_logprobs(service, list(event.logprobs)) if logprobs and event.logprobs else None
+        if event.text or scored:
+            yield chunk(index, {"content": event.text}, None, scored)
+        if event.finish_reason:
+            yield chunk(index, {}, event.finish_reason)
     if include_usage:
         yield _sse({"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
                     "choices": [], "usage": _usage(prompt_tokens, sum(completion_tokens)).model_dump()})
