@@ -139,3 +139,13 @@ def server(start_server, serving_dirs) -> LiveServer:
     """The default live server, shared by the tests that do not need special flags."""
     model_dir, tokenizer_dir = serving_dirs
     return start_server(model_dir, tokenizer_dir, "--max-batch-size", "8", "--max-model-len", "512")
+
+
+@pytest.fixture(scope="module")
+def app(serving_dirs):
+    """The app in-process (tests/in_process.py) on the tiny model, one per test module."""
+    from in_process import InProcessServer
+
+    server = InProcessServer(*serving_dirs)
+    yield server
+    server.close()

@@ -41,6 +41,12 @@ class InProcessServer:
     def post(self, path: str, body: dict) -> httpx.Response:
         return self.request("POST", path, json=body)
 
+    def post_ok(self, path: str, body: dict) -> dict:
+        """The JSON of a 200 answer."""
+        response = self.post(path, body)
+        assert response.status_code == 200, response.text
+        return response.json()
+
     def stream(self, path: str, body: dict) -> list[dict]:
         """The JSON payloads of a streamed answer, checked to end with [DONE]."""
         response = self.post(path, {**body, "stream": True})

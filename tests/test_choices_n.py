@@ -6,27 +6,13 @@ from __future__ import annotations
 import openai
 import pytest
 
-from in_process import InProcessServer
 
 PROMPT = "Once upon a time there was"
 MESSAGES = [{"role": "user", "content": "Tell me a story"}]
 
 
-@pytest.fixture(scope="module")
-def app(serving_dirs):
-    server = InProcessServer(*serving_dirs)
-    yield server
-    server.close()
-
-
-def post(app, path: str, body: dict) -> dict:
-    response = app.post(path, body)
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
 def complete(app, **body) -> dict:
-    return post(app, "/v1/completions", {"prompt": PROMPT, "max_tokens": 8, "temperature": 1.0, **body})
+    return app.post_ok("/v1/completions", {"prompt": PROMPT, "max_tokens": 8, "temperature": 1.0, **body})
 
 
 def test_n_choices_share_the_prompt_and_usage_counts_it_once(app):
@@ -84,7 +70,7 @@ def streamed_choices(chunks: list[dict], text_key) -> tuple[dict[int, str], dict
 def test_completion_stream_interleaves_choices(app):
     body = {"prompt": PROMPT, "max_tokens": 8, "temperature": 1.0, "n": 3, "seed": 9,
             "stream_options": {"include_usage": True}}
-    whole = post(app, "/v1/completions", body)
+    whole = app.post_ok("/v1/completions", body)
     chunks = app.stream("/v1/completions", body)
     texts, finishes, usage = streamed_choices(chunks, lambda c: c["text"])
     assert texts == {c["index"]: c["text"] for c in whole["choices"]}
@@ -97,7 +83,7 @@ def test_completion_stream_interleaves_choices(app):
 def test_chat_n_streamed_and_not(app):
     body = {"messages": MESSAGES, "max_tokens": 6, "temperature": 1.0, "n": 2, "seed": 3,
             "stream_options": {"include_usage": True}}
-    whole = post(app, "/v1/chat/completions", body)
+    whole = app.post_ok("/v1/chat/completions", body)
     assert [c["index"] for c in whole["choices"]] == [0, 1]
     chunks = app.stream("/v1/chat/completions", body)
     texts, finishes, usage = streamed_choices(chunks, lambda c: c["delta"].get("content"))

@@ -11,16 +11,8 @@ import math
 
 import pytest
 
-from in_process import InProcessServer
 
 PROMPT = "Once upon a time there was"
-
-
-@pytest.fixture(scope="module")
-def app(serving_dirs):
-    server = InProcessServer(*serving_dirs)
-    yield server
-    server.close()
 
 
 @pytest.fixture(scope="module")

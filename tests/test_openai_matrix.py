@@ -9,17 +9,9 @@ import itertools
 
 import pytest
 
-from in_process import InProcessServer
 
 PROMPT = "Once upon a time there was"
 MAX_TOKENS = 5
-
-
-@pytest.fixture(scope="module")
-def app(serving_dirs):
-    server = InProcessServer(*serving_dirs)
-    yield server
-    server.close()
 
 
 def join_stream(chunks: list[dict], text_of, logprobs_of) -> tuple[dict, dict, dict, dict | None]:

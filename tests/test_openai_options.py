@@ -10,17 +10,9 @@ import json
 import openai
 import pytest
 
-from in_process import InProcessServer
 
 PROMPT = "Once upon a time there was"
 MESSAGES = [{"role": "user", "content": "Hi"}]
-
-
-@pytest.fixture(scope="module")
-def app(serving_dirs):
-    server = InProcessServer(*serving_dirs)
-    yield server
-    server.close()
 
 
 def complete(app, **body) -> dict:

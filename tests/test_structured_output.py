@@ -9,7 +9,6 @@ import json
 import jsonschema
 import pytest
 
-from in_process import InProcessServer
 
 MESSAGES = [{"role": "user", "content": "A person, as JSON."}]
 # Bounded strings and numbers, so that even a random model's answer ends within max_tokens.
@@ -28,28 +27,15 @@ PERSON = {
 JSON_SCHEMA = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
 
 
-@pytest.fixture(scope="module")
-def app(serving_dirs):
-    server = InProcessServer(*serving_dirs)
-    yield server
-    server.close()
-
-
-def post(app, path: str, body: dict) -> dict:
-    response = app.post(path, body)
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
 def test_json_schema_answers_always_validate(app):
     """50 answers sampled at temperature 1, on both routes."""
     answers = []
     for seed in range(4):
-        chat = post(app, "/v1/chat/completions", {"messages": MESSAGES, "response_format": JSON_SCHEMA, "n": 8,
+        chat = app.post_ok("/v1/chat/completions", {"messages": MESSAGES, "response_format": JSON_SCHEMA, "n": 8,
                                                   "max_tokens": 120, "temperature": 1.0, "seed": seed * 100})
         answers += [(c["message"]["content"], c["finish_reason"]) for c in chat["choices"]]
     for seed in range(3):
-        completion = post(app, "/v1/completions", {"prompt": "Person:", "response_format": JSON_SCHEMA, "n": 6,
+        completion = app.post_ok("/v1/completions", {"prompt": "Person:", "response_format": JSON_SCHEMA, "n": 6,
                                                    "max_tokens": 120, "temperature": 1.0, "seed": seed * 100})
         answers += [(c["text"], c["finish_reason"]) for c in completion["choices"]]
     assert len(answers) == 50
@@ -60,7 +46,7 @@ def test_json_schema_answers_always_validate(app):
 
 def test_json_schema_stream_equals_the_whole_answer(app):
     body = {"messages": MESSAGES, "response_format": JSON_SCHEMA, "max_tokens": 120, "temperature": 1.0, "seed": 5}
-    whole = post(app, "/v1/chat/completions", body)["choices"][0]
+    whole = app.post_ok("/v1/chat/completions", body)["choices"][0]
     chunks = app.stream("/v1/chat/completions", body)
     streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     assert streamed == whole["message"]["content"]
@@ -68,7 +54,7 @@ def test_json_schema_stream_equals_the_whole_answer(app):
 
 
 def test_json_object_answers_are_objects(app):
-    result = post(app, "/v1/chat/completions", {"messages": MESSAGES, "response_format": {"type": "json_object"},
+    result = app.post_ok("/v1/chat/completions", {"messages": MESSAGES, "response_format": {"type": "json_object"},
                                                 "max_tokens": 24, "temperature": 0})
     text = result["choices"][0]["message"]["content"]
     assert text.startswith("{")
@@ -77,8 +63,8 @@ def test_json_object_answers_are_objects(app):
 
 
 def test_text_format_is_unconstrained(app):
-    plain = post(app, "/v1/completions", {"prompt": "Person:", "max_tokens": 8, "temperature": 0})
-    text = post(app, "/v1/completions", {"prompt": "Person:", "max_tokens": 8, "temperature": 0,
+    plain = app.post_ok("/v1/completions", {"prompt": "Person:", "max_tokens": 8, "temperature": 0})
+    text = app.post_ok("/v1/completions", {"prompt": "Person:", "max_tokens": 8, "temperature": 0,
                                          "response_format": {"type": "text"}})
     assert text["choices"][0]["text"] == plain["choices"][0]["text"]
 

@@ -5,16 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from in_process import InProcessServer
 
 PROMPT = "Once upon a time there was"
-
-
-@pytest.fixture(scope="module")
-def app(serving_dirs):
-    server = InProcessServer(*serving_dirs)
-    yield server
-    server.close()
 
 
 def complete(app, prompt, **body) -> dict:

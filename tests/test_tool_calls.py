@@ -9,7 +9,6 @@ import jsonschema
 import openai
 import pytest
 
-from in_process import InProcessServer
 
 MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
@@ -21,13 +20,6 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
                                            "parameters": WEATHER}},
          {"type": "function", "function": {"name": "get_time", "description": "Time in a zone.", "parameters": TIME}}]
 SCHEMAS = {"get_weather": WEATHER, "get_time": TIME}
-
-
-@pytest.fixture(scope="module")
-def app(serving_dirs):
-    server = InProcessServer(*serving_dirs)
-    yield server
-    server.close()
 
 
 def chat(app, **body) -> dict:
