@@ -58,7 +58,6 @@ def run(model_dir: str, tokenizer_dir: str, work: Path, facts: dict, started: fl
     ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", _temp_dir=str(work / "ray"),
              log_to_driver=False, namespace="serve")
     facts["node_ip"] = ray.util.get_node_ip_address()
-    address = ray.get_runtime_context().gcs_address
     config = {
         "http_options": {"host": "127.0.0.1", "port": 8000},
         "applications": [{"name": "openelm", "route_prefix": "/", "import_path": "openelm_server.ray_serve:build_app",
