@@ -16,8 +16,8 @@ import sys
 
 import uvicorn
 
+from openelm_server.config import Settings, load_settings
 from openelm_server.listen import bind_socket, where_to_open
-from openelm_server.settings import Settings, load_settings
 
 log = logging.getLogger("openelm_server")
 
@@ -33,7 +33,7 @@ class UvicornLoggerName(logging.Filter):
 
 
 def configure_logging(level: str) -> None:
-    from openelm_server.middleware import RequestIdFilter
+    from openelm_server.serving.middleware import RequestIdFilter
 
     handler = logging.StreamHandler(sys.stdout)
     handler.addFilter(RequestIdFilter())
@@ -66,8 +66,8 @@ def exit_cleanly(signum, frame) -> None:
 def main(settings: Settings) -> int:
     # Imported only now, so that --help and a bad flag answer at once instead of after the
     # seconds it takes to import torch and transformers.
-    from openelm_server.app import create_app
     from openelm_server.demo import prepare_demo
+    from openelm_server.serving.app import create_app
     from openelm_server.startup import STARTUP_ERRORS, build_engine
 
     configure_logging(settings.log_level)
@@ -88,13 +88,24 @@ def main(settings: Settings) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if settings.host == "0.0.0.0" and not settings.api_key:
-        log.warning("listening on 0.0.0.0 without an API key: anyone who reaches port %d can use this server; "
-                    "set --api-key / API_KEY", settings.port)
+        log.warning(
+            "listening on 0.0.0.0 without an API key: anyone who reaches port %d can use this server; "
+            "set --api-key / API_KEY",
+            settings.port,
+        )
 
     # The event loop and HTTP parser that requirements.txt installs and the tests run, also where
     # uvloop or httptools happen to be installed (Ray Serve brings both), which uvicorn would pick.
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                            timeout_graceful_shutdown=settings.shutdown_timeout, loop="asyncio", http="h11")
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=settings.shutdown_timeout,
+        loop="asyncio",
+        http="h11",
+    )
     Server(config, settings).run(sockets=[sock])
     return 0
 

@@ -1,7 +1,7 @@
 """Memory bandwidth of this machine, measured with torch, and the decode roofline it implies.
 
-    python bench/bandwidth.py                # CPU, 1 GiB buffers
-    python bench/bandwidth.py --device cuda  # GPU
+    python -m bench.bandwidth                # CPU, 1 GiB buffers
+    python -m bench.bandwidth --device cuda  # GPU
 
 Three measurements, best of ``--repeats`` (the least disturbed by other processes):
 
@@ -52,21 +52,33 @@ def measure_bandwidth(size_mb: int = 1024, repeats: int = 15, device: str = "cpu
     nbytes = x.numel() * 4
     results = {}
     with torch.inference_mode():
-        for name, fn, moved in (("read", lambda: x.sum(), nbytes),
-                                ("copy", lambda: y.copy_(x), 2 * nbytes),
-                                ("gemv", lambda: F.linear(vector, weight), weight.numel() * 4)):
+        for name, fn, moved in (
+            ("read", lambda: x.sum(), nbytes),
+            ("copy", lambda: y.copy_(x), 2 * nbytes),
+            ("gemv", lambda: F.linear(vector, weight), weight.numel() * 4),
+        ):
             best, median = _best(fn, repeats, device)
             results[name] = {"best_gb_s": moved / best / 1e9, "median_gb_s": moved / median / 1e9}
     read = max(results["read"]["best_gb_s"], results["gemv"]["best_gb_s"])
-    return {"device": str(device), "buffer_mb": size_mb, "repeats": repeats, "threads": torch.get_num_threads(),
-            **results, "read_bandwidth_gb_s": read}
+    return {
+        "device": str(device),
+        "buffer_mb": size_mb,
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
+        **results,
+        "read_bandwidth_gb_s": read,
+    }
 
 
 def roofline(weight_bytes: int, bandwidth_gb_s: float) -> dict:
     """The most single-stream decode can do if it only waited on reading the weights."""
     seconds = weight_bytes / (bandwidth_gb_s * 1e9)
-    return {"weight_bytes": weight_bytes, "bandwidth_gb_s": bandwidth_gb_s, "min_step_ms": seconds * 1000,
-            "max_decode_tokens_per_s": 1 / seconds}
+    return {
+        "weight_bytes": weight_bytes,
+        "bandwidth_gb_s": bandwidth_gb_s,
+        "min_step_ms": seconds * 1000,
+        "max_decode_tokens_per_s": 1 / seconds,
+    }
 
 
 def main(argv=None) -> int:
@@ -74,8 +86,12 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--size-mb", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--weight-bytes", type=float, default=None,
-                        help="also print the roofline for this many bytes of weights (e.g. 1.086e9)")
+    parser.add_argument(
+        "--weight-bytes",
+        type=float,
+        default=None,
+        help="also print the roofline for this many bytes of weights (e.g. 1.086e9)",
+    )
     args = parser.parse_args(argv)
     result = measure_bandwidth(args.size_mb, args.repeats, args.device)
     if args.weight_bytes:

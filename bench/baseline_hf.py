@@ -11,12 +11,12 @@ Three ways to run it:
 
     # a server like the tutorial's api.py: POST / (its JSON) and a streaming /v1/completions in
     # OpenAI's SSE format, so that bench/serve_bench.py measures it exactly as it measures ours
-    python bench/baseline_hf.py serve --model-dir MODEL_DIR --tokenizer TOK_DIR --port 6007
+    python -m bench.baseline_hf serve --model-dir MODEL_DIR --tokenizer TOK_DIR --port 6007
 
     # in process, no HTTP, over the same prompt set (TTFT and every token timed by a streamer)
-    python bench/baseline_hf.py run --model-dir MODEL_DIR --tokenizer TOK_DIR --num-requests 8
+    python -m bench.baseline_hf run --model-dir MODEL_DIR --tokenizer TOK_DIR --num-requests 8
 
-    python bench/baseline_hf.py describe --size 3B
+    python -m bench.baseline_hf describe --size 3B
 
 Requests are greedy (``do_sample=False``) with ``min_new_tokens = max_new_tokens`` so that the
 answer has exactly the asked length. One at a time, as the tutorial: its handler called the
@@ -38,22 +38,30 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
+import torch
+from fastapi import FastAPI, Request  # module level: the routes' annotations are strings)
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from bench.common import (
+    RequestResult,
+    aggregate,
+    build_prompts,
+    load_tokenizer,
+    machine_info,
+    now_iso,
+    parse_range,
+    versions,
+    write_json,
+)
+from openelm_server.model.openelm import OpenELMConfig, expected_tensor_shapes, published_config
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-from fastapi import FastAPI, Request  # noqa: E402  (module level: the routes' annotations are strings)
-from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
-
-from bench.common import (RequestResult, aggregate, build_prompts, load_tokenizer, machine_info,  # noqa: E402
-                          now_iso, parse_range, versions, write_json)
-from openelm_server.openelm import OpenELMConfig, expected_tensor_shapes, published_config  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 # ---------------------------------------------------------------------------- the model
+
 
 def openelm_raw_config(model_dir: str | Path | None = None, size: str | None = None, vocab_size: int = 32000) -> dict:
     if model_dir:
@@ -65,8 +73,9 @@ def openelm_parameters(raw: dict) -> int:
     return sum(math.prod(s) for s in expected_tensor_shapes(OpenELMConfig.from_dict(raw)).values())
 
 
-def _llama_parameters(vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, head_dim: int,
-                      intermediate: int) -> int:
+def _llama_parameters(
+    vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, head_dim: int, intermediate: int
+) -> int:
     attention = hidden * (heads + 2 * kv_heads) * head_dim + heads * head_dim * hidden
     mlp = 3 * hidden * intermediate
     return vocab * hidden + layers * (attention + mlp + 2 * hidden) + hidden  # tied embeddings
@@ -91,29 +100,47 @@ def llama_config_for(raw: dict, heads: str = "average", multiple: int = 64):
     exact = (target - fixed) / (3 * hidden * layers)
     intermediate = max(multiple, int(round(exact / multiple)) * multiple)
     llama = LlamaConfig(
-        vocab_size=config.vocab_size, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=query_heads, num_key_value_heads=kv_heads, head_dim=head_dim,
-        max_position_embeddings=config.max_context_length, rms_norm_eps=config.norm_eps,
+        vocab_size=config.vocab_size,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=query_heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=config.max_context_length,
+        rms_norm_eps=config.norm_eps,
         rope_parameters={"rope_type": "default", "rope_theta": config.rope_freq_constant},
-        tie_word_embeddings=config.share_input_output_layers, bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id, pad_token_id=config.eos_token_id, hidden_act="silu",
+        tie_word_embeddings=config.share_input_output_layers,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.eos_token_id,
+        hidden_act="silu",
     )
     parameters = _llama_parameters(config.vocab_size, hidden, layers, query_heads, kv_heads, head_dim, intermediate)
     description = {
         "class": "transformers.LlamaForCausalLM",
-        "hidden_size": hidden, "num_hidden_layers": layers, "head_dim": head_dim,
-        "num_attention_heads": query_heads, "num_key_value_heads": kv_heads, "intermediate_size": intermediate,
-        "heads_rule": heads, "tie_word_embeddings": config.share_input_output_layers,
-        "vocab_size": config.vocab_size, "parameters": parameters,
-        "openelm_parameters": target, "parameter_ratio": parameters / target,
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "head_dim": head_dim,
+        "num_attention_heads": query_heads,
+        "num_key_value_heads": kv_heads,
+        "intermediate_size": intermediate,
+        "heads_rule": heads,
+        "tie_word_embeddings": config.share_input_output_layers,
+        "vocab_size": config.vocab_size,
+        "parameters": parameters,
+        "openelm_parameters": target,
+        "parameter_ratio": parameters / target,
         "openelm_heads": {"query": list(config.num_query_heads), "kv": list(config.num_kv_heads)},
-        "openelm_ffn_dims": list(config.ffn_dims), "openelm_mean_ffn_dim": sum(config.ffn_dims) / layers,
+        "openelm_ffn_dims": list(config.ffn_dims),
+        "openelm_mean_ffn_dim": sum(config.ffn_dims) / layers,
     }
     return llama, description
 
 
-def build_model(raw: dict, heads: str = "average", dtype: torch.dtype = torch.float32, device: str = "cpu",
-                seed: int = 0):
+def build_model(
+    raw: dict, heads: str = "average", dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0
+):
     from transformers import GenerationConfig, LlamaForCausalLM
 
     config, description = llama_config_for(raw, heads)
@@ -121,12 +148,19 @@ def build_model(raw: dict, heads: str = "average", dtype: torch.dtype = torch.fl
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype)
     model.eval()
-    model.generation_config = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
-                                               pad_token_id=config.eos_token_id, do_sample=False)
+    model.generation_config = GenerationConfig(
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.eos_token_id,
+        do_sample=False,
+    )
     counted = sum(p.numel() for p in model.parameters())
     assert counted == description["parameters"], (counted, description["parameters"])
-    description.update(dtype=str(dtype).removeprefix("torch."), device=str(device),
-                       attn_implementation=getattr(model.config, "_attn_implementation", None))
+    description.update(
+        dtype=str(dtype).removeprefix("torch."),
+        device=str(device),
+        attn_implementation=getattr(model.config, "_attn_implementation", None),
+    )
     return model, description
 
 
@@ -165,14 +199,21 @@ def generate(model, input_ids: list[int], max_new_tokens: int, streamer: TokenSt
     device = model.device
     ids = torch.tensor([input_ids], device=device)
     with torch.inference_mode():
-        output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                min_new_tokens=max_new_tokens, do_sample=False, streamer=streamer)
+        output = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            do_sample=False,
+            streamer=streamer,
+        )
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the tutorial's torch_gc() after every request
-    return output[0, len(input_ids):].tolist()
+    return output[0, len(input_ids) :].tolist()
 
 
 # ---------------------------------------------------------------------------- in process
+
 
 def run_in_process(model, tokenizer, prompts, progress: bool = True) -> list[RequestResult]:
     """Each prompt in turn; the clock starts before tokenizing, as a server's would."""
@@ -207,6 +248,7 @@ def run_in_process(model, tokenizer, prompts, progress: bool = True) -> list[Req
 
 # ---------------------------------------------------------------------------- the server
 
+
 def create_app(model, tokenizer, model_name: str = "llama-baseline"):
     """The tutorial's api.py (POST /) plus a streaming /v1/completions for the benchmark."""
     app = FastAPI(title="tutorial baseline (transformers generate)")
@@ -228,8 +270,10 @@ def create_app(model, tokenizer, model_name: str = "llama-baseline"):
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model",
-                                             "max_model_len": model.config.max_position_embeddings}]}
+        return {
+            "object": "list",
+            "data": [{"id": model_name, "object": "model", "max_model_len": model.config.max_position_embeddings}],
+        }
 
     @app.post("/")
     async def tutorial(request: Request):
@@ -246,8 +290,9 @@ def create_app(model, tokenizer, model_name: str = "llama-baseline"):
         body = await request.json()
         prompt = body.get("prompt")
         if not isinstance(prompt, str):
-            return JSONResponse({"error": {"message": "prompt must be a string", "type": "invalid_request_error"}},
-                                status_code=400)
+            return JSONResponse(
+                {"error": {"message": "prompt must be a string", "type": "invalid_request_error"}}, status_code=400
+            )
         input_ids = tokenizer(prompt).input_ids
         max_new = int(body.get("max_tokens") or 16)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -255,18 +300,40 @@ def create_app(model, tokenizer, model_name: str = "llama-baseline"):
         completion_id = f"cmpl-baseline-{created}"
 
         def chunk(text: str, finish_reason) -> str:
-            return "data: " + json.dumps({"id": completion_id, "object": "text_completion", "created": created,
-                                          "model": model_name, "choices": [{"index": 0, "text": text,
-                                                                            "logprobs": None,
-                                                                            "finish_reason": finish_reason}]}) + "\n\n"
+            return (
+                "data: "
+                + json.dumps(
+                    {
+                        "id": completion_id,
+                        "object": "text_completion",
+                        "created": created,
+                        "model": model_name,
+                        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+                    }
+                )
+                + "\n\n"
+            )
 
-        usage = lambda n: {"prompt_tokens": len(input_ids), "completion_tokens": n,  # noqa: E731
-                           "total_tokens": len(input_ids) + n}
+        def usage(n: int) -> dict:
+            return {"prompt_tokens": len(input_ids), "completion_tokens": n, "total_tokens": len(input_ids) + n}
+
         if not body.get("stream"):
             output = await run_locked(input_ids, max_new)
-            return {"id": completion_id, "object": "text_completion", "created": created, "model": model_name,
-                    "choices": [{"index": 0, "text": tokenizer.decode(output, skip_special_tokens=True),
-                                 "logprobs": None, "finish_reason": "length"}], "usage": usage(len(output))}
+            return {
+                "id": completion_id,
+                "object": "text_completion",
+                "created": created,
+                "model": model_name,
+                "choices": [
+                    {
+                        "index": 0,
+                        "text": tokenizer.decode(output, skip_special_tokens=True),
+                        "logprobs": None,
+                        "finish_reason": "length",
+                    }
+                ],
+                "usage": usage(len(output)),
+            }
 
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -283,14 +350,26 @@ def create_app(model, tokenizer, model_name: str = "llama-baseline"):
                 tokens.append(token)
                 text = tokenizer.decode(tokens, skip_special_tokens=True)
                 if len(text) > len(sent) and not text.endswith("\ufffd"):
-                    yield chunk(text[len(sent):], None)
+                    yield chunk(text[len(sent) :], None)
                     sent = text
             await task
             text = tokenizer.decode(tokens, skip_special_tokens=True)
-            yield chunk(text[len(sent):], "length")
+            yield chunk(text[len(sent) :], "length")
             if include_usage:
-                yield "data: " + json.dumps({"id": completion_id, "object": "text_completion", "created": created,
-                                             "model": model_name, "choices": [], "usage": usage(len(tokens))}) + "\n\n"
+                yield (
+                    "data: "
+                    + json.dumps(
+                        {
+                            "id": completion_id,
+                            "object": "text_completion",
+                            "created": created,
+                            "model": model_name,
+                            "choices": [],
+                            "usage": usage(len(tokens)),
+                        }
+                    )
+                    + "\n\n"
+                )
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -299,6 +378,7 @@ def create_app(model, tokenizer, model_name: str = "llama-baseline"):
 
 
 # ---------------------------------------------------------------------------- CLI
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -312,8 +392,12 @@ def parse_args(argv=None) -> argparse.Namespace:
             continue
         p.add_argument("--tokenizer", required=True, help="Llama-2 tokenizer directory")
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                       help="default: bfloat16 on CUDA, float32 on CPU (as our server's auto)")
+        p.add_argument(
+            "--dtype",
+            choices=sorted(DTYPES),
+            default=None,
+            help="default: bfloat16 on CUDA, float32 on CPU (as our server's auto)",
+        )
         p.add_argument("--seed", type=int, default=0)
         if name == "serve":
             p.add_argument("--host", default="127.0.0.1")
@@ -338,27 +422,47 @@ def main(argv=None) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
     tokenizer = load_tokenizer(args.tokenizer)
     model, description = build_model(raw, args.heads, dtype, args.device, args.seed)
-    print(f"baseline LlamaForCausalLM: {description['parameters']:,} parameters "
-          f"(OpenELM shape: {description['openelm_parameters']:,}), {description['num_attention_heads']} heads / "
-          f"{description['num_key_value_heads']} KV heads, intermediate {description['intermediate_size']}, "
-          f"{description['dtype']} on {description['device']}", flush=True)
+    print(
+        f"baseline LlamaForCausalLM: {description['parameters']:,} parameters "
+        f"(OpenELM shape: {description['openelm_parameters']:,}), {description['num_attention_heads']} heads / "
+        f"{description['num_key_value_heads']} KV heads, intermediate {description['intermediate_size']}, "
+        f"{description['dtype']} on {description['device']}",
+        flush=True,
+    )
     if args.command == "serve":
         import uvicorn
 
         uvicorn.run(create_app(model, tokenizer), host=args.host, port=args.port, log_level="warning")
         return 0
-    prompts = build_prompts(args.num_requests, parse_range(args.input_len), parse_range(args.output_len),
-                            args.prompt_seed, tokenizer)
+    prompts = build_prompts(
+        args.num_requests, parse_range(args.input_len), parse_range(args.output_len), args.prompt_seed, tokenizer
+    )
     run_in_process(model, tokenizer, prompts[:1], progress=False)  # warm-up
     start = time.perf_counter()
     results = run_in_process(model, tokenizer, prompts, progress=not args.no_progress)
-    summary = {"label": "baseline_hf_in_process", "mode": "concurrency", "concurrency": 1, "request_rate": None,
-               "num_requests": len(prompts), **aggregate(results, time.perf_counter() - start), "date": now_iso()}
+    summary = {
+        "label": "baseline_hf_in_process",
+        "mode": "concurrency",
+        "concurrency": 1,
+        "request_rate": None,
+        "num_requests": len(prompts),
+        **aggregate(results, time.perf_counter() - start),
+        "date": now_iso(),
+    }
     print(json.dumps({k: summary[k] for k in ("output_throughput", "ttft_ms", "tpot_ms")}, indent=1))
     if args.out:
-        write_json(args.out, {"benchmark": "baseline_hf run", "command": [sys.executable, *sys.argv],
-                              "date": now_iso(), "versions": versions(), "machine": machine_info(),
-                              "baseline_model": description, "series": {"baseline_hf_in_process": [summary]}})
+        write_json(
+            args.out,
+            {
+                "benchmark": "baseline_hf run",
+                "command": [sys.executable, *sys.argv],
+                "date": now_iso(),
+                "versions": versions(),
+                "machine": machine_info(),
+                "baseline_model": description,
+                "series": {"baseline_hf_in_process": [summary]},
+            },
+        )
     return 0
 
 

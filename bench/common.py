@@ -16,14 +16,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 SHARED_FIXTURES = ROOT.parent / "shared" / "fixtures"
 DEFAULT_TOKENIZER = SHARED_FIXTURES / "llama2-tokenizer"
@@ -46,11 +44,12 @@ case week day year hand head eye face voice word name line side point fact group
 
 # ---------------------------------------------------------------------------- the prompt set
 
+
 @dataclass(frozen=True)
 class BenchRequest:
     prompt: str
-    input_len: int      # prompt tokens, BOS included, as the client built it (the server's count wins)
-    output_len: int     # max_tokens asked for
+    input_len: int  # prompt tokens, BOS included, as the client built it (the server's count wins)
+    output_len: int  # max_tokens asked for
 
 
 def parse_range(text: str) -> tuple[int, int]:
@@ -88,8 +87,9 @@ def single_token_words(tokenizer) -> list[str]:
     return words if len(words) >= 20 else list(WORDS)
 
 
-def build_prompts(num: int, input_range: tuple[int, int], output_range: tuple[int, int], seed: int = 0,
-                  tokenizer=None) -> list[BenchRequest]:
+def build_prompts(
+    num: int, input_range: tuple[int, int], output_range: tuple[int, int], seed: int = 0, tokenizer=None
+) -> list[BenchRequest]:
     """``num`` prompts drawn with a seeded RNG: input length (tokens, BOS included) and output
     length uniform in their ranges, text made of random words. The same arguments give the
     same list, and the first k of a longer list equal a list of k."""
@@ -116,6 +116,7 @@ def build_prompts(num: int, input_range: tuple[int, int], output_range: tuple[in
 
 # ---------------------------------------------------------------------------- metrics
 
+
 @dataclass
 class RequestResult:
     """What the client saw of one request; times in seconds from its own start."""
@@ -126,7 +127,7 @@ class RequestResult:
     ttft: float = 0.0
     latency: float = 0.0
     itl: list[float] = field(default_factory=list)
-    start: float = 0.0        # perf_counter when sent, to compute the run's span
+    start: float = 0.0  # perf_counter when sent, to compute the run's span
     end: float = 0.0
     finish_reason: str | None = None
     error: str = ""
@@ -157,8 +158,15 @@ def summarize(values: Sequence[float], scale: float = 1000.0) -> dict:
         return {k: None for k in ("mean", "std", "p50", "p90", "p99", "max", "count")}
     mean = sum(values) / len(values)
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
-    return {"mean": mean, "std": std, "p50": percentile(values, 50), "p90": percentile(values, 90),
-            "p99": percentile(values, 99), "max": max(values), "count": len(values)}
+    return {
+        "mean": mean,
+        "std": std,
+        "p50": percentile(values, 50),
+        "p90": percentile(values, 90),
+        "p99": percentile(values, 99),
+        "max": max(values),
+        "count": len(values),
+    }
 
 
 def aggregate(results: list[RequestResult], duration: float | None = None) -> dict:
@@ -193,8 +201,9 @@ def aggregate(results: list[RequestResult], duration: float | None = None) -> di
 
 # ---------------------------------------------------------------------------- facts for the record
 
+
 def now_iso() -> str:
-    return datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds")
+    return datetime.now(UTC).astimezone().isoformat(timespec="seconds")
 
 
 def _package_version(name: str) -> str | None:
@@ -206,24 +215,41 @@ def _package_version(name: str) -> str | None:
 
 
 def versions() -> dict:
-    return {"python": platform.python_version(),
-            **{name: _package_version(name) for name in
-               ("torch", "transformers", "fastapi", "uvicorn", "httpx", "safetensors", "numpy")}}
+    return {
+        "python": platform.python_version(),
+        **{
+            name: _package_version(name)
+            for name in ("torch", "transformers", "fastapi", "uvicorn", "httpx", "safetensors", "numpy")
+        },
+    }
 
 
 def git_revision() -> str | None:
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                  text=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        revision = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
         return revision + ("+dirty" if dirty else "") if revision else None
     return None
 
 
 def machine_info() -> dict:
-    info = {"platform": platform.platform(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
-            "cpu_model": None, "memory_gb": None, "load_average": None, "gpu": None}
+    info = {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "cpu_model": None,
+        "memory_gb": None,
+        "load_average": None,
+        "gpu": None,
+    }
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -247,16 +273,24 @@ def model_info(model_dir: str | Path | None) -> dict | None:
     """Shape and size of an OpenELM checkpoint directory, from its config.json."""
     if not model_dir or not (Path(model_dir) / "config.json").is_file():
         return None
-    from openelm_server.openelm import OpenELMConfig, expected_tensor_shapes
+    from openelm_server.model.openelm import OpenELMConfig, expected_tensor_shapes
 
     raw = json.loads((Path(model_dir) / "config.json").read_text())
     config = OpenELMConfig.from_dict(raw)
     parameters = sum(math.prod(s) for s in expected_tensor_shapes(config).values())
-    return {"dir": str(model_dir), "model_type": "openelm", "layers": config.num_layers,
-            "model_dim": config.model_dim, "head_dim": config.head_dim, "vocab_size": config.vocab_size,
-            "num_query_heads": list(config.num_query_heads), "num_kv_heads": list(config.num_kv_heads),
-            "ffn_dims": list(config.ffn_dims), "parameters": parameters,
-            "checkpoint_dtype": raw.get("torch_dtype")}
+    return {
+        "dir": str(model_dir),
+        "model_type": "openelm",
+        "layers": config.num_layers,
+        "model_dim": config.model_dim,
+        "head_dim": config.head_dim,
+        "vocab_size": config.vocab_size,
+        "num_query_heads": list(config.num_query_heads),
+        "num_kv_heads": list(config.num_kv_heads),
+        "ffn_dims": list(config.ffn_dims),
+        "parameters": parameters,
+        "checkpoint_dtype": raw.get("torch_dtype"),
+    }
 
 
 def write_json(path: str | Path, data: dict) -> Path:
@@ -276,6 +310,7 @@ def _json_default(value):
 
 # ---------------------------------------------------------------------------- server processes
 
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -293,21 +328,37 @@ class ServerProcess:
         self.log_path = Path(log_path)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "w")
-        self.process = subprocess.Popen(command, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
-                                        env={**os.environ, **(env or {})})
+        self.process = subprocess.Popen(
+            command, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
 
     @classmethod
-    def openelm(cls, model_dir: str | Path, tokenizer_dir: str | Path, flags: Sequence[str] = (),
-                log_path: str | Path | None = None) -> "ServerProcess":
+    def openelm(
+        cls,
+        model_dir: str | Path,
+        tokenizer_dir: str | Path,
+        flags: Sequence[str] = (),
+        log_path: str | Path | None = None,
+    ) -> ServerProcess:
         """``python api.py`` as a user starts it."""
         port = free_port()
-        command = [sys.executable, str(ROOT / "api.py"), "--model-path", str(model_dir),
-                   "--tokenizer-path", str(tokenizer_dir), "--host", "127.0.0.1", "--port", str(port),
-                   *flags]
+        command = [
+            sys.executable,
+            str(ROOT / "api.py"),
+            "--model-path",
+            str(model_dir),
+            "--tokenizer-path",
+            str(tokenizer_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            *flags,
+        ]
         log_path = log_path or Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-openelm-{port}.log"
         return cls(command, port, log_path)
 
-    def wait_ready(self, timeout: float = 300.0) -> "ServerProcess":
+    def wait_ready(self, timeout: float = 300.0) -> ServerProcess:
         import httpx
 
         deadline = time.monotonic() + timeout
@@ -349,7 +400,7 @@ class ServerProcess:
         except Exception:  # psutil missing or the process gone
             return None
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         return self
 
     def __exit__(self, *exc) -> None:

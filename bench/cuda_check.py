@@ -1,7 +1,7 @@
 """The CUDA path, checked and timed in-process: what to run first on a GPU.
 
-    python bench/cuda_check.py                       # fixtures from ../shared/fixtures
-    python bench/cuda_check.py --fixtures DIR --out results.json --batches 1,8,32,64
+    python -m bench.cuda_check                       # fixtures from ../shared/fixtures
+    python -m bench.cuda_check --fixtures DIR --out results.json --batches 1,8,32,64
 
 Correctness (each line says PASS or FAIL with its numbers):
 
@@ -31,16 +31,14 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from openelm_server.engine.async_engine import Engine, EngineConfig
+from openelm_server.engine.cuda_graphs import StaticDecoder
+from openelm_server.engine.sampling import SamplingParams
+from openelm_server.model.openelm import ForwardBatch, OpenELM, OpenELMConfig, load_openelm, published_config
+from openelm_server.startup import compile_elementwise
+from openelm_server.tokenizer import load_tokenizer
 
-from openelm_server.cuda_graphs import StaticDecoder  # noqa: E402
-from openelm_server.engine import Engine, EngineConfig  # noqa: E402
-from openelm_server.openelm import ForwardBatch, OpenELM, OpenELMConfig, load_openelm, published_config  # noqa: E402
-from openelm_server.sampling import SamplingParams  # noqa: E402
-from openelm_server.startup import compile_elementwise  # noqa: E402
-from openelm_server.tokenizer import load_tokenizer  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 results: dict = {"checks": [], "timings": []}
 
@@ -64,7 +62,7 @@ def greedy(model: OpenELM, prompts: list[list[int]], new_tokens: int) -> tuple[l
     longest = max(len(p) for p in prompts)
     tokens = torch.zeros(len(prompts), longest, dtype=torch.long)
     for row, prompt in enumerate(prompts):
-        tokens[row, :len(prompt)] = torch.tensor(prompt)
+        tokens[row, : len(prompt)] = torch.tensor(prompt)
     positions = torch.arange(longest).expand(len(prompts), longest).to(device)
     slots = list(range(len(prompts)))
     hidden = model(tokens.to(device), ForwardBatch.build(cache, slots, positions))
@@ -92,6 +90,7 @@ def engine_greedy(engine: Engine, prompts: list[list[int]], new_tokens: int) -> 
             outputs[row].extend(event.token_ids)
             if event.finish_reason is not None:
                 done.release()
+
         return deliver
 
     for row, prompt in enumerate(prompts):
@@ -115,11 +114,15 @@ def check_reference(fixtures: Path, device: torch.device, label: str = "") -> No
     outputs, first_logits = greedy(model, prompts, new_tokens)
     token_matches = sum(o == c["greedy_ids"] for o, c in zip(outputs, cases))
     logit_error = max(
-        float((first_logits[row, :len(c["last_logits_head"])].cpu() - torch.tensor(c["last_logits_head"])).abs().max())
-        for row, c in enumerate(cases))
-    report(f"float32 CUDA reproduces the shared reference (eager, batched){label}",
-           token_matches == len(cases) and logit_error < 1e-3,
-           prompts_exact=f"{token_matches}/{len(cases)}", max_logit_abs_error=logit_error)
+        float((first_logits[row, : len(c["last_logits_head"])].cpu() - torch.tensor(c["last_logits_head"])).abs().max())
+        for row, c in enumerate(cases)
+    )
+    report(
+        f"float32 CUDA reproduces the shared reference (eager, batched){label}",
+        token_matches == len(cases) and logit_error < 1e-3,
+        prompts_exact=f"{token_matches}/{len(cases)}",
+        max_logit_abs_error=logit_error,
+    )
 
     tokenizer = load_tokenizer(tokenizer_dir)
     engine = Engine(model, tokenizer, EngineConfig(max_batch_size=8, max_model_len=256, cuda_graphs=True))
@@ -130,17 +133,25 @@ def check_reference(fixtures: Path, device: torch.device, label: str = "") -> No
     finally:
         engine.shutdown()
     matches = sum(o == c["greedy_ids"] for o, c in zip(engine_outputs, cases))
-    report(f"float32 CUDA engine with CUDA graphs reproduces the shared reference{label}",
-           matches == len(cases) and graphs > 0, prompts_exact=f"{matches}/{len(cases)}", graphs_captured=graphs)
+    report(
+        f"float32 CUDA engine with CUDA graphs reproduces the shared reference{label}",
+        matches == len(cases) and graphs > 0,
+        prompts_exact=f"{matches}/{len(cases)}",
+        graphs_captured=graphs,
+    )
 
     bf16 = load_openelm(model_dir, device=device, dtype=torch.bfloat16, show_progress=False)
     bf16_outputs, bf16_logits = greedy(bf16, prompts, new_tokens)
     agreeing = sum(sum(a == b for a, b in zip(o, c["greedy_ids"])) for o, c in zip(bf16_outputs, cases))
     first_error = relative_error(bf16_logits, first_logits)
     top1 = float((bf16_logits.argmax(-1) == first_logits.argmax(-1)).float().mean())
-    report(f"bfloat16 CUDA against float32 on the shared fixture{label}", first_error < 2e-2,
-           first_logits_rel_error=first_error, first_top1_agreement=top1,
-           greedy_tokens_equal=f"{agreeing}/{len(cases) * new_tokens}")
+    report(
+        f"bfloat16 CUDA against float32 on the shared fixture{label}",
+        first_error < 2e-2,
+        first_logits_rel_error=first_error,
+        first_top1_agreement=top1,
+        greedy_tokens_equal=f"{agreeing}/{len(cases) * new_tokens}",
+    )
 
 
 def random_model(config: OpenELMConfig, dtype: torch.dtype, device: torch.device, seed: int = 0) -> OpenELM:
@@ -171,15 +182,24 @@ def check_3b_precision(config: OpenELMConfig, device: torch.device) -> tuple[Ope
     bf16 = random_model(config, torch.bfloat16, device)
     bf16_outputs, bf16_logits = greedy(bf16, prompts, new_tokens)
     error = relative_error(bf16_logits, f32_logits)
-    print("logit std (float32 prefill):", float(f32_logits.std()), "top-2 margin median:",
-          float((f32_logits.topk(2).values[:, 0] - f32_logits.topk(2).values[:, 1]).median()), flush=True)
+    print(
+        "logit std (float32 prefill):",
+        float(f32_logits.std()),
+        "top-2 margin median:",
+        float((f32_logits.topk(2).values[:, 0] - f32_logits.topk(2).values[:, 1]).median()),
+        flush=True,
+    )
     top1 = float((bf16_logits.argmax(-1) == f32_logits.argmax(-1)).float().mean())
     agreeing = sum(sum(a == b for a, b in zip(x, y)) for x, y in zip(bf16_outputs, f32_outputs))
     # The error grows with depth (1.5% over the fixture's 4 layers): 36 layers of random weights
     # give near-flat logits whose top-2 margins are under bfloat16's resolution.
-    report("bfloat16 against float32 on the 3B shape (random weights, 36 layers)", error < 1e-1,
-           prefill_logits_rel_error=error, prefill_top1_agreement=top1,
-           greedy_tokens_equal=f"{agreeing}/{len(prompts) * new_tokens}")
+    report(
+        "bfloat16 against float32 on the 3B shape (random weights, 36 layers)",
+        error < 1e-1,
+        prefill_logits_rel_error=error,
+        prefill_top1_agreement=top1,
+        greedy_tokens_equal=f"{agreeing}/{len(prompts) * new_tokens}",
+    )
     check_graph_against_eager(bf16, device, "bfloat16", 2e-2)
     return bf16, prompts, f32_logits, error
 
@@ -199,9 +219,12 @@ def check_graph_against_eager(model: OpenELM, device: torch.device, dtype_name: 
     eager = model.logits(model(torch.tensor(tokens, device=device).unsqueeze(1), eager_step)[:, -1]).float()
     graphed = StaticDecoder(model, cache, capture=True).decode(slots, tokens, step_positions).float()
     error = relative_error(graphed, eager)
-    report(f"CUDA-graph decode equals eager decode (3B shape, {dtype_name}, scattered slots)",
-           error < tolerance, logits_rel_error=error,
-           top1_equal=int((graphed.argmax(-1) == eager.argmax(-1)).sum()))
+    report(
+        f"CUDA-graph decode equals eager decode (3B shape, {dtype_name}, scattered slots)",
+        error < tolerance,
+        logits_rel_error=error,
+        top1_equal=int((graphed.argmax(-1) == eager.argmax(-1)).sum()),
+    )
 
 
 def cuda_time(fn, repeats: int) -> float:
@@ -238,16 +261,26 @@ def time_steps(model: OpenELM, batches: list[int], context: int, repeats: int, b
             return model.logits(model(torch.tensor(tokens, device=device).unsqueeze(1), step)[:, -1])
 
         eager_ms = cuda_time(eager, repeats)
-        kv_bytes = cache.bytes_needed(model.config.num_kv_heads, model.config.head_dim, batch, context + 1,
-                                      cache.keys[0].dtype)
+        kv_bytes = cache.bytes_needed(
+            model.config.num_kv_heads, model.config.head_dim, batch, context + 1, cache.keys[0].dtype
+        )
         floor_ms = (weight_bytes + kv_bytes) / (bandwidth_gb_s * 1e9) * 1e3
-        row = {"what": "decode step", "batch": batch, "context": context, "graph_ms": graph_ms, "eager_ms": eager_ms,
-               "graph_tok_s": batch / graph_ms * 1e3, "bandwidth_floor_ms": floor_ms,
-               "graph_vs_floor": floor_ms / graph_ms}
+        row = {
+            "what": "decode step",
+            "batch": batch,
+            "context": context,
+            "graph_ms": graph_ms,
+            "eager_ms": eager_ms,
+            "graph_tok_s": batch / graph_ms * 1e3,
+            "bandwidth_floor_ms": floor_ms,
+            "graph_vs_floor": floor_ms / graph_ms,
+        }
         results["timings"].append(row)
-        print(f"decode  batch {batch:3d} @ {context}: graph {graph_ms:7.2f} ms ({row['graph_tok_s']:7.0f} tok/s), "
-              f"eager {eager_ms:7.2f} ms, floor {floor_ms:6.2f} ms ({row['graph_vs_floor']:.0%} of roofline)",
-              flush=True)
+        print(
+            f"decode  batch {batch:3d} @ {context}: graph {graph_ms:7.2f} ms ({row['graph_tok_s']:7.0f} tok/s), "
+            f"eager {eager_ms:7.2f} ms, floor {floor_ms:6.2f} ms ({row['graph_vs_floor']:.0%} of roofline)",
+            flush=True,
+        )
     for rows_count, length in ((1, 512), (4, 512), (1, 2000)):
         tokens = torch.randint(3, model.config.vocab_size, (rows_count, length), device=device)
         positions = torch.arange(length, device=device).expand(rows_count, length)
@@ -259,11 +292,20 @@ def time_steps(model: OpenELM, batches: list[int], context: int, repeats: int, b
 
         ms = cuda_time(prefill, max(3, repeats // 4))
         flops = 2 * sum(p.numel() for p in model.parameters()) * rows_count * length
-        row = {"what": "prefill", "batch": rows_count, "tokens": length, "ms": ms,
-               "tok_s": rows_count * length / ms * 1e3, "tflop_s_linear": flops / ms / 1e9}
+        row = {
+            "what": "prefill",
+            "batch": rows_count,
+            "tokens": length,
+            "ms": ms,
+            "tok_s": rows_count * length / ms * 1e3,
+            "tflop_s_linear": flops / ms / 1e9,
+        }
         results["timings"].append(row)
-        print(f"prefill {rows_count} x {length}: {ms:7.1f} ms ({row['tok_s']:8.0f} tok/s, "
-              f"{row['tflop_s_linear']:.0f} TFLOP/s in the weights' matmuls)", flush=True)
+        print(
+            f"prefill {rows_count} x {length}: {ms:7.1f} ms ({row['tok_s']:8.0f} tok/s, "
+            f"{row['tflop_s_linear']:.0f} TFLOP/s in the weights' matmuls)",
+            flush=True,
+        )
 
 
 @torch.inference_mode()
@@ -287,8 +329,10 @@ def profile_decode(model: OpenELM, batch: int, context: int) -> None:
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
     busy_us = sum(e.device_time for e in kernels)
-    print(f"profile: decode batch {batch} @ {context}: {len(kernels)} kernels, {busy_us / 1e3:.2f} ms of GPU time",
-          flush=True)
+    print(
+        f"profile: decode batch {batch} @ {context}: {len(kernels)} kernels, {busy_us / 1e3:.2f} ms of GPU time",
+        flush=True,
+    )
     print(prof.key_averages().table(sort_by="device_time_total", row_limit=22, max_name_column_width=70), flush=True)
     results["profile"] = {"batch": batch, "context": context, "kernels": len(kernels), "gpu_ms": busy_us / 1e3}
 
@@ -298,8 +342,12 @@ def check_fused_against_float32(model: OpenELM, prompts: list, f32_logits: torch
     from float32 than the unfused ones."""
     _, fused_logits = greedy(model, prompts, 1)
     error = relative_error(fused_logits, f32_logits)
-    report("fused bfloat16 is as close to float32 as unfused bfloat16 (3B shape, prefill)",
-           error <= unfused_error * 1.1, fused_rel_error=error, unfused_rel_error=unfused_error)
+    report(
+        "fused bfloat16 is as close to float32 as unfused bfloat16 (3B shape, prefill)",
+        error <= unfused_error * 1.1,
+        fused_rel_error=error,
+        unfused_rel_error=unfused_error,
+    )
 
 
 def probe_time_to_first_token(model: OpenELM, tokenizer) -> None:
@@ -309,8 +357,16 @@ def probe_time_to_first_token(model: OpenELM, tokenizer) -> None:
     engine = Engine(model, tokenizer, EngineConfig(max_batch_size=4, max_model_len=1024, cuda_graphs=True))
     engine.start()
     try:
-        for prompt_length, pause in ((400, 0.0), (400, 1.0), (400, 0.0), (401, 0.0), (250, 1.0), (123, 0.0),
-                                     (456, 0.0), (399, 1.0)):
+        for prompt_length, pause in (
+            (400, 0.0),
+            (400, 1.0),
+            (400, 0.0),
+            (401, 0.0),
+            (250, 1.0),
+            (123, 0.0),
+            (456, 0.0),
+            (399, 1.0),
+        ):
             prompt = torch.randint(3, model.config.vocab_size, (prompt_length,)).tolist()
             time.sleep(pause)
             first, done = threading.Event(), threading.Event()
@@ -329,10 +385,20 @@ def probe_time_to_first_token(model: OpenELM, tokenizer) -> None:
             done.wait(60)
             ttft_ms = (stamps["first"] - submitted) * 1e3
             per_token_ms = (stamps["done"] - stamps["first"]) * 1e3 / 7
-            results["timings"].append({"what": "engine ttft", "after_idle_s": pause, "prompt": prompt_length,
-                                       "ttft_ms": ttft_ms, "tpot_ms": per_token_ms})
-            print(f"engine: {prompt_length}-token prompt after {pause:.0f} s idle: first token {ttft_ms:6.1f} ms, "
-                  f"then {per_token_ms:5.2f} ms/token", flush=True)
+            results["timings"].append(
+                {
+                    "what": "engine ttft",
+                    "after_idle_s": pause,
+                    "prompt": prompt_length,
+                    "ttft_ms": ttft_ms,
+                    "tpot_ms": per_token_ms,
+                }
+            )
+            print(
+                f"engine: {prompt_length}-token prompt after {pause:.0f} s idle: first token {ttft_ms:6.1f} ms, "
+                f"then {per_token_ms:5.2f} ms/token",
+                flush=True,
+            )
     finally:
         engine.shutdown()
 
@@ -346,8 +412,12 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--out", default=None, help="write the results as JSON")
     parser.add_argument("--quick", action="store_true", help="no kernel profiles, and step timings only as served")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                        help="then fuse the element-wise kernels as the server does, check and time again")
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="then fuse the element-wise kernels as the server does, check and time again",
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device: this script checks the CUDA path", file=sys.stderr)
@@ -365,8 +435,11 @@ def main(argv=None) -> int:
     bandwidth = measure_bandwidth(device="cuda")
     results["bandwidth"] = bandwidth
     read = max(bandwidth["read"]["best_gb_s"], bandwidth["copy"]["best_gb_s"] / 2)
-    print(f"bandwidth: read {bandwidth['read']['best_gb_s']:.0f}, copy {bandwidth['copy']['best_gb_s']:.0f}, "
-          f"gemv {bandwidth['gemv']['best_gb_s']:.0f} GB/s", flush=True)
+    print(
+        f"bandwidth: read {bandwidth['read']['best_gb_s']:.0f}, copy {bandwidth['copy']['best_gb_s']:.0f}, "
+        f"gemv {bandwidth['gemv']['best_gb_s']:.0f} GB/s",
+        flush=True,
+    )
     batches = [int(b) for b in args.batches.split(",")]
     if not args.quick:
         profile_decode(model, 1, args.context)
@@ -374,8 +447,10 @@ def main(argv=None) -> int:
     if args.compile:
         started_compile = time.perf_counter()
         compile_elementwise(model)
-        print(f"element-wise kernels fused with torch.compile in {time.perf_counter() - started_compile:.1f} s",
-              flush=True)
+        print(
+            f"element-wise kernels fused with torch.compile in {time.perf_counter() - started_compile:.1f} s",
+            flush=True,
+        )
         check_fused_against_float32(model, prompts, f32_logits, unfused_error)
         check_reference(Path(args.fixtures), device, " (fused)")
         if not args.quick:

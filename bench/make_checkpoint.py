@@ -1,7 +1,7 @@
 """Write a random-weight OpenELM checkpoint with the published shapes and file layout.
 
-    python bench/make_checkpoint.py --size 270M --dtype float32 --out /tmp/openelm-270M
-    python bench/make_checkpoint.py --size 3B --dtype bfloat16 --out /tmp/openelm-3B   # two shards
+    python -m bench.make_checkpoint --size 270M --dtype float32 --out /tmp/openelm-270M
+    python -m bench.make_checkpoint --size 3B --dtype bfloat16 --out /tmp/openelm-3B   # two shards
 
 The directory gets config.json (the compact form of Apple's config; the server derives the
 per-layer head and FFN lists from it exactly as the published config does),
@@ -24,21 +24,23 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from openelm_server.model.openelm import (
+    OpenELMConfig,
+    expected_tensor_shapes,
+    published_config,
+    random_state_dict,
+    write_checkpoint,
+)
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-from openelm_server.openelm import (OpenELMConfig, expected_tensor_shapes, published_config,  # noqa: E402
-                                    random_state_dict, write_checkpoint)
 
 SIZES = ("270M", "450M", "1_1B", "3B")
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
-def build_config(size: str, vocab_size: int = 32000, layers: int | None = None,
-                 overrides: dict | None = None) -> dict:
+def build_config(size: str, vocab_size: int = 32000, layers: int | None = None, overrides: dict | None = None) -> dict:
     """The published config of ``size``, optionally cut to ``layers`` layers and with keys
     replaced by ``overrides`` (a small shape for tests: model_dim, head_dim, ...)."""
     raw = published_config(size, vocab_size=vocab_size)
@@ -54,8 +56,14 @@ def parameter_count(raw: dict) -> int:
     return sum(math.prod(shape) for shape in expected_tensor_shapes(config).values())
 
 
-def make_checkpoint(out: str | Path, raw: dict, dtype: torch.dtype = torch.float32, seed: int = 0,
-                    max_shard_gb: float | None = 5.0, std: float = 0.02) -> dict:
+def make_checkpoint(
+    out: str | Path,
+    raw: dict,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    max_shard_gb: float | None = 5.0,
+    std: float = 0.02,
+) -> dict:
     """Write the checkpoint; return a summary (parameters, bytes, files, seconds)."""
     start = time.monotonic()
     config = OpenELMConfig.from_dict(raw)
@@ -71,20 +79,32 @@ def make_checkpoint(out: str | Path, raw: dict, dtype: torch.dtype = torch.float
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--size", choices=SIZES, default="270M", help="published OpenELM shape")
     parser.add_argument("--out", required=True, help="directory to write (created)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
-                        help="dtype stored in the files (the published checkpoints are bfloat16)")
-    parser.add_argument("--max-shard-gb", type=float, default=5.0,
-                        help="largest shard in GB (1e9 bytes); 0 = always one model.safetensors")
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default="bfloat16",
+        help="dtype stored in the files (the published checkpoints are bfloat16)",
+    )
+    parser.add_argument(
+        "--max-shard-gb",
+        type=float,
+        default=5.0,
+        help="largest shard in GB (1e9 bytes); 0 = always one model.safetensors",
+    )
     parser.add_argument("--vocab-size", type=int, default=32000, help="Llama-2 tokenizer size")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--std", type=float, default=0.02, help="std of the random weights (norms are ~1)")
     parser.add_argument("--layers", type=int, default=None, help="override num_transformer_layers (tests)")
-    parser.add_argument("--config-json", default=None,
-                        help="JSON object of config keys to override, e.g. '{\"model_dim\": 128, \"head_dim\": 16}'")
+    parser.add_argument(
+        "--config-json",
+        default=None,
+        help='JSON object of config keys to override, e.g. \'{"model_dim": 128, "head_dim": 16}\'',
+    )
     parser.add_argument("--force", action="store_true", help="overwrite a directory that already has a checkpoint")
     return parser.parse_args(argv)
 
@@ -102,14 +122,20 @@ def main(argv=None) -> int:
     raw = build_config(args.size, args.vocab_size, args.layers, overrides)
     expected = parameter_count(raw)
     dtype = DTYPES[args.dtype]
-    print(f"OpenELM-{args.size} shape: {raw['num_transformer_layers']} layers, model_dim {raw['model_dim']}, "
-          f"{expected:,} parameters = {expected * torch.empty((), dtype=dtype).element_size() / 1e9:.2f} GB "
-          f"in {args.dtype}", flush=True)
-    summary = make_checkpoint(out, raw, dtype=dtype, seed=args.seed, max_shard_gb=args.max_shard_gb or None,
-                              std=args.std)
+    print(
+        f"OpenELM-{args.size} shape: {raw['num_transformer_layers']} layers, model_dim {raw['model_dim']}, "
+        f"{expected:,} parameters = {expected * torch.empty((), dtype=dtype).element_size() / 1e9:.2f} GB "
+        f"in {args.dtype}",
+        flush=True,
+    )
+    summary = make_checkpoint(
+        out, raw, dtype=dtype, seed=args.seed, max_shard_gb=args.max_shard_gb or None, std=args.std
+    )
     peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
-    print(f"wrote {summary['parameters']:,} parameters ({summary['bytes'] / 1e9:.2f} GB) to {out}: "
-          f"{', '.join(summary['files'])} in {summary['seconds']:.1f} s; peak RSS {peak_rss_gb:.2f} GB")
+    print(
+        f"wrote {summary['parameters']:,} parameters ({summary['bytes'] / 1e9:.2f} GB) to {out}: "
+        f"{', '.join(summary['files'])} in {summary['seconds']:.1f} s; peak RSS {peak_rss_gb:.2f} GB"
+    )
     return 0
 
 

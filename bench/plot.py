@@ -2,7 +2,7 @@
 
 Reads the results JSON of serve_bench.py or run_all.py:
 
-    python bench/plot.py results.json [out.png]
+    python -m bench.plot results.json [out.png]
 """
 
 from __future__ import annotations
@@ -52,8 +52,13 @@ def plot_results(results: dict, path: str | Path) -> Path:
         if metric == "output_throughput":
             roofline = (results.get("roofline") or {}).get("max_decode_tokens_per_s")
             if roofline:
-                axis.axhline(roofline, color="gray", linestyle="-.", linewidth=1,
-                             label=f"single-stream roofline {roofline:.1f} tok/s")
+                axis.axhline(
+                    roofline,
+                    color="gray",
+                    linestyle="-.",
+                    linewidth=1,
+                    label=f"single-stream roofline {roofline:.1f} tok/s",
+                )
         else:
             axis.set_yscale("log")
         if xs_all and min(xs_all) > 0:
@@ -69,8 +74,9 @@ def plot_results(results: dict, path: str | Path) -> Path:
     shape = f"OpenELM {model.get('parameters', 0) / 1e6:.0f}M-param shape" if model.get("parameters") else ""
     machine = results.get("machine") or {}
     where = machine.get("gpu") or f"{machine.get('cpu_count')} CPU cores"
-    figure.suptitle(f"{shape}, {results.get('dtype', '')} on {where} — {results.get('date', '')}".strip(" ,"),
-                    fontsize=11)
+    figure.suptitle(
+        f"{shape}, {results.get('dtype', '')} on {where} — {results.get('date', '')}".strip(" ,"), fontsize=11
+    )
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

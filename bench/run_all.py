@@ -1,8 +1,8 @@
 """One command for the whole comparison: our server against the tutorial's way, side by side.
 
-    python bench/run_all.py                      # CPU: OpenELM-270M shape, float32 (~5-10 min on 2 cores)
-    python bench/run_all.py --publish            # ... and copy the JSON/PNG/MD to bench/published/
-    python bench/run_all.py --device cuda --size 3B --dtype bfloat16 --concurrency 1,4,16,64,128 \\
+    python -m bench.run_all                      # CPU: OpenELM-270M shape, float32 (~5-10 min on 2 cores)
+    python -m bench.run_all --publish            # ... and copy the JSON/PNG/MD to bench/published/
+    python -m bench.run_all --device cuda --size 3B --dtype bfloat16 --concurrency 1,4,16,64,128 \\
         --num-requests 32,64,128,256,256 --input-len 64:512 --output-len 64:256 --baseline-requests 16,32
 
 Steps, all in one session so that the numbers are comparable:
@@ -37,14 +37,24 @@ import time
 from datetime import date
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from bench import serve_bench
+from bench.common import (
+    DEFAULT_TOKENIZER,
+    ServerProcess,
+    build_prompts,
+    free_port,
+    git_revision,
+    load_tokenizer,
+    machine_info,
+    model_info,
+    now_iso,
+    parse_list,
+    parse_range,
+    versions,
+    write_json,
+)
 
-from bench import serve_bench  # noqa: E402
-from bench.common import (DEFAULT_TOKENIZER, ServerProcess, build_prompts, free_port,  # noqa: E402
-                          git_revision, load_tokenizer, machine_info, model_info, now_iso, parse_list, parse_range,
-                          versions, write_json)
+ROOT = Path(__file__).resolve().parents[1]
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -62,8 +72,22 @@ def ensure_checkpoint(directory: Path, size: str, dtype: str) -> Path:
             log(f"reusing checkpoint {directory}")
             return directory
     log(f"writing a random-weight OpenELM-{size} checkpoint ({dtype}) to {directory}")
-    subprocess.run([sys.executable, str(ROOT / "bench" / "make_checkpoint.py"), "--size", size, "--dtype", dtype,
-                    "--out", str(directory), "--force"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.make_checkpoint",
+            "--size",
+            size,
+            "--dtype",
+            dtype,
+            "--out",
+            str(directory),
+            "--force",
+        ],
+        cwd=ROOT,
+        check=True,
+    )
     return directory
 
 
@@ -72,8 +96,10 @@ def bandwidth(device: str, label: str) -> dict:
 
     result = measure_bandwidth(device=device)
     result["when"] = label
-    log(f"memory bandwidth ({label}): read {result['read']['best_gb_s']:.1f}, copy {result['copy']['best_gb_s']:.1f}, "
-        f"gemv {result['gemv']['best_gb_s']:.1f} GB/s (best of {result['repeats']})")
+    log(
+        f"memory bandwidth ({label}): read {result['read']['best_gb_s']:.1f}, copy {result['copy']['best_gb_s']:.1f}, "
+        f"gemv {result['gemv']['best_gb_s']:.1f} GB/s (best of {result['repeats']})"
+    )
     return result
 
 
@@ -84,9 +110,21 @@ def best_round(runs: list[dict]) -> dict:
 
 def round_summary(run: dict) -> dict:
     """What the JSON keeps of every round: throughputs, the main percentiles, the conditions."""
-    keep = ("round", "concurrency", "completed", "failed", "duration_s", "output_throughput",
-            "total_token_throughput", "request_throughput", "server_cpu_utilization",
-            "server_cpu_ms_per_output_token", "load_average_before", "load_average_after", "date")
+    keep = (
+        "round",
+        "concurrency",
+        "completed",
+        "failed",
+        "duration_s",
+        "output_throughput",
+        "total_token_throughput",
+        "request_throughput",
+        "server_cpu_utilization",
+        "server_cpu_ms_per_output_token",
+        "load_average_before",
+        "load_average_after",
+        "date",
+    )
     summary = {k: run.get(k) for k in keep}
     for metric in ("ttft_ms", "tpot_ms", "e2el_ms"):
         summary[metric] = {k: run[metric][k] for k in ("p50", "p99")}
@@ -100,9 +138,24 @@ def profile_server(server: ServerProcess, url: str, prompts, concurrency: int, o
         log("py-spy not found; pip install py-spy to profile")
         return None
     raw_path = out_dir / f"{stem}-py-spy.txt"
-    recorder = subprocess.Popen([py_spy, "record", "--pid", str(server.process.pid), "--format", "raw", "--rate", "50",
-                                 "--threads", "--output", str(raw_path), "--nonblocking"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    recorder = subprocess.Popen(
+        [
+            py_spy,
+            "record",
+            "--pid",
+            str(server.process.pid),
+            "--format",
+            "raw",
+            "--rate",
+            "50",
+            "--threads",
+            "--output",
+            str(raw_path),
+            "--nonblocking",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     time.sleep(2)
     run = serve_bench.run_one(url, prompts, concurrency, label="profiled", progress=False)
     recorder.send_signal(2)  # SIGINT: py-spy writes its file and exits
@@ -114,8 +167,9 @@ def profile_server(server: ServerProcess, url: str, prompts, concurrency: int, o
         log(f"py-spy wrote nothing: {recorder.stderr.read().decode()[-500:]}")
         return None
     summary = summarize_py_spy(raw_path)
-    summary.update(concurrency=concurrency, output_throughput_while_sampled=run["output_throughput"],
-                   raw_file=raw_path.name)
+    summary.update(
+        concurrency=concurrency, output_throughput_while_sampled=run["output_throughput"], raw_file=raw_path.name
+    )
     return summary
 
 
@@ -134,7 +188,7 @@ def summarize_py_spy(raw_path: Path, top: int = 15) -> dict:
         frames = stack.split(";")
         thread = frames[0]
         threads[thread] += count
-        if not any("_run (" in frame and "engine.py" in frame for frame in frames):
+        if not any("_run (" in frame and "async_engine.py" in frame for frame in frames):
             continue  # not the engine thread (the event loop, idle workers)
         total += count
         names = [_frame_name(f) for f in frames[1:]]
@@ -142,9 +196,12 @@ def summarize_py_spy(raw_path: Path, top: int = 15) -> dict:
             self_counts[names[-1]] += count
         for name in set(names):
             inclusive[name] += count
-    return {"engine_samples": total, "samples_by_thread": dict(threads.most_common(8)),
-            "self": [(name, round(n / total, 3)) for name, n in self_counts.most_common(top)] if total else [],
-            "inclusive": [(name, round(n / total, 3)) for name, n in inclusive.most_common(top * 2)] if total else []}
+    return {
+        "engine_samples": total,
+        "samples_by_thread": dict(threads.most_common(8)),
+        "self": [(name, round(n / total, 3)) for name, n in self_counts.most_common(top)] if total else [],
+        "inclusive": [(name, round(n / total, 3)) for name, n in inclusive.most_common(top * 2)] if total else [],
+    }
 
 
 def _frame_name(frame: str) -> str:
@@ -160,10 +217,12 @@ def markdown(results: dict) -> str:
     ours = results["series"]["openelm_server"]
     baselines = results["series"]["baseline_hf"]
     baseline = baselines[0]
-    rows = ["| server | clients | requests | req/s | output tok/s | (every round) | total tok/s "
-            "| TTFT p50 / p90 / p99 (ms) | TPOT p50 / p90 / p99 (ms) | ITL p50 / p99 (ms) "
-            "| E2E p50 / p90 / p99 (ms) | vs baseline (out tok/s) |",
-            "|---|---:|---:|---:|---:|---|---:|---|---|---|---|---:|"]
+    rows = [
+        "| server | clients | requests | req/s | output tok/s | (every round) | total tok/s "
+        "| TTFT p50 / p90 / p99 (ms) | TPOT p50 / p90 / p99 (ms) | ITL p50 / p99 (ms) "
+        "| E2E p50 / p90 / p99 (ms) | vs baseline (out tok/s) |",
+        "|---|---:|---:|---:|---:|---|---:|---|---|---|---|---:|",
+    ]
 
     def triple(metric, keys=("p50", "p90", "p99")):
         return " / ".join("-" if metric[k] is None else f"{metric[k]:.0f}" for k in keys)
@@ -171,49 +230,70 @@ def markdown(results: dict) -> str:
     for run in baselines + ours:
         name = "baseline (HF generate)" if run in baselines else "ours (api.py)"
         ratio = run["output_throughput"] / baseline["output_throughput"]
-        rows.append(f"| {name} | {run['concurrency']} | {run['completed']}/{run['num_requests']} | "
-                    f"{run['request_throughput']:.2f} | {run['output_throughput']:.1f} | "
-                    f"{', '.join(f'{x:.1f}' for x in run.get('output_throughput_by_round', []))} | "
-                    f"{run['total_token_throughput']:.1f} | {triple(run['ttft_ms'])} | {triple(run['tpot_ms'])} | "
-                    f"{triple(run['itl_ms'], ('p50', 'p99'))} | {triple(run['e2el_ms'])} | {ratio:.2f}x |")
+        rows.append(
+            f"| {name} | {run['concurrency']} | {run['completed']}/{run['num_requests']} | "
+            f"{run['request_throughput']:.2f} | {run['output_throughput']:.1f} | "
+            f"{', '.join(f'{x:.1f}' for x in run.get('output_throughput_by_round', []))} | "
+            f"{run['total_token_throughput']:.1f} | {triple(run['ttft_ms'])} | {triple(run['tpot_ms'])} | "
+            f"{triple(run['itl_ms'], ('p50', 'p99'))} | {triple(run['e2el_ms'])} | {ratio:.2f}x |"
+        )
     roof = results["roofline"]
-    lines = ["\n".join(rows), "",
-             f"Roofline: {roof['weight_bytes'] / 1e9:.3f} GB of weights per decode step / "
-             f"{roof['bandwidth_gb_s']:.1f} GB/s = {roof['min_step_ms']:.1f} ms, at most "
-             f"{roof['max_decode_tokens_per_s']:.1f} tokens/s for one stream.", ""]
+    lines = [
+        "\n".join(rows),
+        "",
+        f"Roofline: {roof['weight_bytes'] / 1e9:.3f} GB of weights per decode step / "
+        f"{roof['bandwidth_gb_s']:.1f} GB/s = {roof['min_step_ms']:.1f} ms, at most "
+        f"{roof['max_decode_tokens_per_s']:.1f} tokens/s for one stream.",
+        "",
+    ]
     for name, single in results["single_stream"].items():
-        lines.append(f"- {name}: {single['tokens_per_s']:.1f} tokens/s in decode (1 / mean TPOT at one client) = "
-                     f"{100 * single['fraction_of_roofline']:.0f}% of the roofline")
+        lines.append(
+            f"- {name}: {single['tokens_per_s']:.1f} tokens/s in decode (1 / mean TPOT at one client) = "
+            f"{100 * single['fraction_of_roofline']:.0f}% of the roofline"
+        )
     comparison = results["comparison"]
     if comparison.get("ratio_at_16") is not None:
-        lines.append(f"\nOurs at 16 clients / baseline one at a time (output tokens/s): "
-                     f"**{comparison['ratio_at_16']:.2f}x** (target >= 6x); round by round: "
-                     f"{', '.join(f'{x:.2f}x' for x in comparison['ratio_at_16_per_round'])}.")
+        lines.append(
+            f"\nOurs at 16 clients / baseline one at a time (output tokens/s): "
+            f"**{comparison['ratio_at_16']:.2f}x** (target >= 6x); round by round: "
+            f"{', '.join(f'{x:.2f}x' for x in comparison['ratio_at_16_per_round'])}."
+        )
     return "\n".join(lines) + "\n"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--size", default="270M", choices=("270M", "450M", "1_1B", "3B"))
     parser.add_argument("--dtype", default="float32", choices=sorted(BYTES), help="weights as served")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (both servers)")
     parser.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER), help="Llama-2 tokenizer directory")
-    parser.add_argument("--checkpoint", default=None,
-                        help="an existing checkpoint dir, used as it is (default: "
-                             "bench/results/checkpoints/openelm-SIZE-DTYPE, made if missing)")
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="an existing checkpoint dir, used as it is (default: "
+        "bench/results/checkpoints/openelm-SIZE-DTYPE, made if missing)",
+    )
     parser.add_argument("--concurrency", default="1,4,16,64")
     parser.add_argument("--num-requests", default="8,16,48,128", help="requests per concurrency")
     parser.add_argument("--baseline-concurrency", default="1,4,16")
     parser.add_argument("--baseline-requests", default="8,8,16", help="baseline requests per --baseline-concurrency")
-    parser.add_argument("--rounds", type=int, default=2,
-                        help="each round runs the baseline then ours at every concurrency; the best round counts")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="each round runs the baseline then ours at every concurrency; the best round counts",
+    )
     parser.add_argument("--input-len", default="16:64")
     parser.add_argument("--output-len", default="32:64")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--server-flags", default=None,
-                        help="flags for api.py (default: --max-batch-size = the largest concurrency, "
-                             "--max-model-len to fit the longest request)")
+    parser.add_argument(
+        "--server-flags",
+        default=None,
+        help="flags for api.py (default: --max-batch-size = the largest concurrency, "
+        "--max-model-len to fit the longest request)",
+    )
     parser.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--name", default=None, help="file stem (default: DATE-cpu or DATE-gpu)")
     parser.add_argument("--publish", action="store_true", help="copy JSON, PNG and MD to bench/published/")
@@ -236,8 +316,9 @@ def main(argv=None) -> int:
         if not (checkpoint / "config.json").is_file():
             raise SystemExit(f"--checkpoint {checkpoint} holds no config.json")
     else:
-        checkpoint = ensure_checkpoint(out_dir / "checkpoints" / f"openelm-{args.size}-{checkpoint_dtype}",
-                                       args.size, checkpoint_dtype)
+        checkpoint = ensure_checkpoint(
+            out_dir / "checkpoints" / f"openelm-{args.size}-{checkpoint_dtype}", args.size, checkpoint_dtype
+        )
     concurrencies = parse_list(args.concurrency)
     counts = parse_list(args.num_requests)
     if len(counts) == 1:
@@ -254,9 +335,18 @@ def main(argv=None) -> int:
         raise SystemExit("--baseline-concurrency must start at 1, with one --baseline-requests number each")
     prompts = build_prompts(max(counts + baseline_counts), input_range, output_range, args.seed, tokenizer)
     longest = max(p.input_len + p.output_len for p in prompts)
-    flags = shlex.split(args.server_flags) if args.server_flags is not None else [
-        "--max-batch-size", str(max(concurrencies)), "--max-model-len", str(max(256, longest)),
-        "--max-queue", str(max(256, max(counts)))]
+    flags = (
+        shlex.split(args.server_flags)
+        if args.server_flags is not None
+        else [
+            "--max-batch-size",
+            str(max(concurrencies)),
+            "--max-model-len",
+            str(max(256, longest)),
+            "--max-queue",
+            str(max(256, max(counts))),
+        ]
+    )
     device_flags = ["--device", args.device, "--dtype", args.dtype]
     info = model_info(checkpoint)
     weight_bytes = info["parameters"] * BYTES[args.dtype]
@@ -264,12 +354,28 @@ def main(argv=None) -> int:
     bandwidths = [bandwidth(args.device, "start")]
     rounds: dict[str, dict[int, list[dict]]] = {"baseline_hf": {}, "openelm_server": {}}
     log("starting both servers")
-    ours = ServerProcess.openelm(checkpoint, args.tokenizer, device_flags + flags,
-                                 log_path=out_dir / f"{stem}-server-ours.log")
+    ours = ServerProcess.openelm(
+        checkpoint, args.tokenizer, device_flags + flags, log_path=out_dir / f"{stem}-server-ours.log"
+    )
     baseline_port = free_port()
-    baseline_command = [sys.executable, str(ROOT / "bench" / "baseline_hf.py"), "serve", "--model-dir", str(checkpoint),
-                        "--tokenizer", args.tokenizer, "--port", str(baseline_port), "--device", args.device,
-                        "--dtype", args.dtype, "--seed", str(args.seed)]
+    baseline_command = [
+        sys.executable,
+        "-m",
+        "bench.baseline_hf",
+        "serve",
+        "--model-dir",
+        str(checkpoint),
+        "--tokenizer",
+        args.tokenizer,
+        "--port",
+        str(baseline_port),
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--seed",
+        str(args.seed),
+    ]
     baseline = ServerProcess(baseline_command, baseline_port, out_dir / f"{stem}-server-baseline.log")
     profile = None
     try:
@@ -284,22 +390,27 @@ def main(argv=None) -> int:
         for number in range(1, args.rounds + 1):
             for concurrency, count in zip(baseline_concurrencies, baseline_counts):
                 log(f"round {number}/{args.rounds}: baseline, {concurrency} clients, {count} requests")
-                run = serve_bench.run_one(baseline.url, prompts[:count], concurrency, progress=progress,
-                                          server=baseline, label="baseline_hf")
+                run = serve_bench.run_one(
+                    baseline.url, prompts[:count], concurrency, progress=progress, server=baseline, label="baseline_hf"
+                )
                 rounds["baseline_hf"].setdefault(concurrency, []).append({**run, "round": number})
                 log(serve_bench.format_run(run))
             for concurrency, count in zip(concurrencies, counts):
                 log(f"round {number}/{args.rounds}: ours, {concurrency} clients, {count} requests")
-                run = serve_bench.run_one(ours.url, prompts[:count], concurrency, progress=progress, server=ours,
-                                          label="openelm_server")
+                run = serve_bench.run_one(
+                    ours.url, prompts[:count], concurrency, progress=progress, server=ours, label="openelm_server"
+                )
                 rounds["openelm_server"].setdefault(concurrency, []).append({**run, "round": number})
                 log(serve_bench.format_run(run))
             bandwidths.append(bandwidth(args.device, f"after round {number}"))
         if args.profile:
             baseline.stop()
             log(f"profiling our server with py-spy at {args.profile_concurrency} clients (not measured)")
-            count = counts[concurrencies.index(args.profile_concurrency)] \
-                if args.profile_concurrency in concurrencies else 2 * args.profile_concurrency
+            count = (
+                counts[concurrencies.index(args.profile_concurrency)]
+                if args.profile_concurrency in concurrencies
+                else 2 * args.profile_concurrency
+            )
             profile = profile_server(ours, ours.url, prompts[:count], args.profile_concurrency, out_dir, stem)
     finally:
         ours.stop()
@@ -318,18 +429,24 @@ def main(argv=None) -> int:
     for name, run in (("ours", ours_by_c.get(1)), ("baseline", baseline_best)):
         if run and run["tpot_ms"]["mean"]:
             tokens_per_s = 1000 / run["tpot_ms"]["mean"]
-            single[name] = {"tokens_per_s": tokens_per_s,
-                            "fraction_of_roofline": tokens_per_s / roof["max_decode_tokens_per_s"]}
+            single[name] = {
+                "tokens_per_s": tokens_per_s,
+                "fraction_of_roofline": tokens_per_s / roof["max_decode_tokens_per_s"],
+            }
     per_round_16 = []
     if 16 in rounds["openelm_server"]:
-        per_round_16 = [o["output_throughput"] / b["output_throughput"]
-                        for o, b in zip(rounds["openelm_server"][16], rounds["baseline_hf"][1])]
+        per_round_16 = [
+            o["output_throughput"] / b["output_throughput"]
+            for o, b in zip(rounds["openelm_server"][16], rounds["baseline_hf"][1])
+        ]
     comparison = {
         "baseline_output_throughput": baseline_best["output_throughput"],
         "ours_over_baseline_output_throughput": {
-            str(c): run["output_throughput"] / baseline_best["output_throughput"] for c, run in ours_by_c.items()},
+            str(c): run["output_throughput"] / baseline_best["output_throughput"] for c, run in ours_by_c.items()
+        },
         "ratio_at_16": ours_by_c[16]["output_throughput"] / baseline_best["output_throughput"]
-        if 16 in ours_by_c else None,
+        if 16 in ours_by_c
+        else None,
         "ratio_at_16_per_round": per_round_16,
         "target_ratio_at_16": 6.0,
     }
@@ -345,18 +462,26 @@ def main(argv=None) -> int:
         "model": info,
         "baseline_model": baseline_model,
         "servers": {"ours": ours.command, "baseline": baseline_command},
-        "dataset": {"kind": "random-words", "seed": args.seed, "input_len_range": list(input_range),
-                    "output_len_range": list(output_range), "exact_input_lengths": True, "temperature": 0.0,
-                    "requests_per_concurrency": dict(zip(map(str, concurrencies), counts)),
-                    "baseline_requests_per_concurrency": dict(zip(map(str, baseline_concurrencies), baseline_counts)),
-                    "rounds": args.rounds},
+        "dataset": {
+            "kind": "random-words",
+            "seed": args.seed,
+            "input_len_range": list(input_range),
+            "output_len_range": list(output_range),
+            "exact_input_lengths": True,
+            "temperature": 0.0,
+            "requests_per_concurrency": dict(zip(map(str, concurrencies), counts)),
+            "baseline_requests_per_concurrency": dict(zip(map(str, baseline_concurrencies), baseline_counts)),
+            "rounds": args.rounds,
+        },
         "bandwidth": bandwidths,
         "roofline": roof,
         "single_stream": single,
         "comparison": comparison,
         "series": series,
-        "rounds": {label: {str(c): [round_summary(r) for r in runs] for c, runs in by_c.items()}
-                   for label, by_c in rounds.items()},
+        "rounds": {
+            label: {str(c): [round_summary(r) for r in runs] for c, runs in by_c.items()}
+            for label, by_c in rounds.items()
+        },
         "profile": profile,
         "wall_time_s": time.monotonic() - started,
     }
@@ -373,8 +498,10 @@ def main(argv=None) -> int:
         log(f"no plot ({error}); pip install -r requirements-bench.txt")
         png_path = None
     print("\n" + table)
-    log(f"wrote {json_path}" + (f", {png_path}" if png_path else "") + f", {md_path} "
-        f"in {results['wall_time_s'] / 60:.1f} min")
+    log(
+        f"wrote {json_path}" + (f", {png_path}" if png_path else "") + f", {md_path} "
+        f"in {results['wall_time_s'] / 60:.1f} min"
+    )
     if args.publish:
         published = ROOT / "bench" / "published"
         published.mkdir(exist_ok=True)

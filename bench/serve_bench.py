@@ -7,12 +7,12 @@ output tokens/s and total tokens/s. Token counts come from the server's usage ch
 
 Against a running server:
 
-    python bench/serve_bench.py --url http://127.0.0.1:6006 --tokenizer /path/to/llama2-tokenizer \\
+    python -m bench.serve_bench --url http://127.0.0.1:6006 --tokenizer /path/to/llama2-tokenizer \\
         --concurrency 1,4,16,64 --num-requests 8,16,32,64 --out results.json
 
 Or one command that starts ``python api.py`` on a free port and stops it at the end:
 
-    python bench/serve_bench.py --launch MODEL_DIR --tokenizer TOK_DIR \\
+    python -m bench.serve_bench --launch MODEL_DIR --tokenizer TOK_DIR \\
         --server-flags "--max-batch-size 64 --max-model-len 1024" --concurrency 1,4,16,64
 
 The prompt set is deterministic (seeded): input and output lengths uniform in
@@ -34,20 +34,32 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
+
+from bench.common import (
+    BenchRequest,
+    RequestResult,
+    ServerProcess,
+    aggregate,
+    build_prompts,
+    git_revision,
+    load_tokenizer,
+    machine_info,
+    model_info,
+    now_iso,
+    parse_list,
+    parse_range,
+    versions,
+    write_json,
+)
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import httpx  # noqa: E402
-
-from bench.common import (BenchRequest, RequestResult, ServerProcess, aggregate, build_prompts,  # noqa: E402
-                          git_revision, load_tokenizer, machine_info, model_info, now_iso, parse_list,
-                          parse_range, versions, write_json)
 
 ENDPOINT = "/v1/completions"
 
 
 # ---------------------------------------------------------------------------- one request
+
 
 async def sse_lines(response: httpx.Response):
     """Lines of an event stream, split only at CR/LF as the SSE spec says. (httpx's
@@ -60,17 +72,23 @@ async def sse_lines(response: httpx.Response):
             end = buffer.find(b"\n")
             if end < 0:
                 break
-            line, buffer = buffer[:end], buffer[end + 1:]
+            line, buffer = buffer[:end], buffer[end + 1 :]
             yield line.rstrip(b"\r").decode("utf-8", errors="replace")
     if buffer:
         yield buffer.rstrip(b"\r").decode("utf-8", errors="replace")
 
 
-async def send_request(client: httpx.AsyncClient, url: str, request: BenchRequest, model: str | None = None,
-                       endpoint: str = ENDPOINT) -> RequestResult:
+async def send_request(
+    client: httpx.AsyncClient, url: str, request: BenchRequest, model: str | None = None, endpoint: str = ENDPOINT
+) -> RequestResult:
     """Stream one completion; time the first text chunk, every later chunk, and the end."""
-    payload = {"prompt": request.prompt, "max_tokens": request.output_len, "temperature": 0.0,
-               "stream": True, "stream_options": {"include_usage": True}}
+    payload = {
+        "prompt": request.prompt,
+        "max_tokens": request.output_len,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     if model:
         payload["model"] = model
     result = RequestResult(prompt_tokens=request.input_len)
@@ -125,13 +143,15 @@ async def send_request(client: httpx.AsyncClient, url: str, request: BenchReques
 
 # ---------------------------------------------------------------------------- one run
 
+
 def _progress(total: int, desc: str, enabled: bool):
     try:
         from tqdm import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, desc=desc, unit="req", file=sys.stderr, disable=not enabled, leave=True,
-                dynamic_ncols=True)
+    return tqdm(
+        total=total, desc=desc, unit="req", file=sys.stderr, disable=not enabled, leave=True, dynamic_ncols=True
+    )
 
 
 def _client(concurrency: int) -> httpx.AsyncClient:
@@ -139,9 +159,17 @@ def _client(concurrency: int) -> httpx.AsyncClient:
     return httpx.AsyncClient(timeout=httpx.Timeout(3600.0, connect=30.0), limits=limits)
 
 
-async def run_requests(url: str, requests: list[BenchRequest], concurrency: int | None = None,
-                       request_rate: float = math.inf, seed: int = 0, model: str | None = None,
-                       progress: bool = True, desc: str = "", endpoint: str = ENDPOINT) -> list[RequestResult]:
+async def run_requests(
+    url: str,
+    requests: list[BenchRequest],
+    concurrency: int | None = None,
+    request_rate: float = math.inf,
+    seed: int = 0,
+    model: str | None = None,
+    progress: bool = True,
+    desc: str = "",
+    endpoint: str = ENDPOINT,
+) -> list[RequestResult]:
     """Send ``requests``: with ``concurrency`` clients each sending its next request as soon as
     its last one ends, or at Poisson arrivals of ``request_rate`` per second (inf = all at
     once), capped at ``concurrency`` in flight when both are given."""
@@ -151,6 +179,7 @@ async def run_requests(url: str, requests: list[BenchRequest], concurrency: int 
     rng = random.Random(f"arrivals:{seed}")
 
     async with _client(limit) as client:
+
         async def one(request: BenchRequest) -> RequestResult:
             async with semaphore:
                 result = await send_request(client, url, request, model, endpoint)
@@ -178,10 +207,19 @@ def _load_average() -> list[float] | None:
         return None
 
 
-def run_one(url: str, requests: list[BenchRequest], concurrency: int | None = None,
-            request_rate: float = math.inf, seed: int = 0, model: str | None = None, progress: bool = True,
-            server: ServerProcess | None = None, label: str = "", endpoint: str = ENDPOINT,
-            keep_results: bool = False) -> dict:
+def run_one(
+    url: str,
+    requests: list[BenchRequest],
+    concurrency: int | None = None,
+    request_rate: float = math.inf,
+    seed: int = 0,
+    model: str | None = None,
+    progress: bool = True,
+    server: ServerProcess | None = None,
+    label: str = "",
+    endpoint: str = ENDPOINT,
+    keep_results: bool = False,
+) -> dict:
     """One measured run; returns its metrics and the conditions it ran under (and, with
     ``keep_results``, the per-request results under ``"_results"``, to pool runs later)."""
     if concurrency is not None and request_rate == math.inf:
@@ -191,8 +229,7 @@ def run_one(url: str, requests: list[BenchRequest], concurrency: int | None = No
     load_before = _load_average()
     cpu_before = server.cpu_seconds() if server else None
     start = time.perf_counter()
-    results = asyncio.run(run_requests(url, requests, concurrency, request_rate, seed, model, progress, desc,
-                                       endpoint))
+    results = asyncio.run(run_requests(url, requests, concurrency, request_rate, seed, model, progress, desc, endpoint))
     duration = time.perf_counter() - start
     cpu_after = server.cpu_seconds() if server else None
     cpu = cpu_after - cpu_before if cpu_before is not None and cpu_after is not None else None
@@ -210,7 +247,8 @@ def run_one(url: str, requests: list[BenchRequest], concurrency: int | None = No
         # both tell a run slowed by other processes (low utilization) from a slow server
         "server_cpu_utilization": cpu / duration if cpu is not None and duration else None,
         "server_cpu_ms_per_output_token": 1000 * cpu / metrics["total_output_tokens"]
-        if cpu is not None and metrics["total_output_tokens"] else None,
+        if cpu is not None and metrics["total_output_tokens"]
+        else None,
         "date": now_iso(),
     }
     if keep_results:
@@ -241,20 +279,34 @@ def format_run(run: dict) -> str:
         value = run[metric][key]
         return "-" if value is None else f"{value:.0f}"
 
-    return (f"{run['label'] or 'run'} {where}: {run['completed']}/{run['num_requests']} ok in {run['duration_s']:.1f} s | "
-            f"{run['request_throughput']:.2f} req/s, {run['output_throughput']:.1f} out tok/s, "
-            f"{run['total_token_throughput']:.1f} total tok/s | TTFT p50 {ms('ttft_ms', 'p50')} p99 "
-            f"{ms('ttft_ms', 'p99')} ms | TPOT p50 {ms('tpot_ms', 'p50')} p99 {ms('tpot_ms', 'p99')} ms | "
-            f"ITL p50 {ms('itl_ms', 'p50')} p99 {ms('itl_ms', 'p99')} ms | E2E p50 {ms('e2el_ms', 'p50')} "
-            f"p99 {ms('e2el_ms', 'p99')} ms" + (f" | errors: {run['errors']}" if run["errors"] else ""))
+    return (
+        f"{run['label'] or 'run'} {where}: {run['completed']}/{run['num_requests']} ok in {run['duration_s']:.1f} s | "
+        f"{run['request_throughput']:.2f} req/s, {run['output_throughput']:.1f} out tok/s, "
+        f"{run['total_token_throughput']:.1f} total tok/s | TTFT p50 {ms('ttft_ms', 'p50')} p99 "
+        f"{ms('ttft_ms', 'p99')} ms | TPOT p50 {ms('tpot_ms', 'p50')} p99 {ms('tpot_ms', 'p99')} ms | "
+        f"ITL p50 {ms('itl_ms', 'p50')} p99 {ms('itl_ms', 'p99')} ms | E2E p50 {ms('e2el_ms', 'p50')} "
+        f"p99 {ms('e2el_ms', 'p99')} ms" + (f" | errors: {run['errors']}" if run["errors"] else "")
+    )
 
 
 # ---------------------------------------------------------------------------- the sweep
 
-def sweep(url: str, prompts: list[BenchRequest], concurrencies: list[int] | None, rates: list[float] | None,
-          num_requests: list[int], seed: int = 0, max_concurrency: int | None = None, model: str | None = None,
-          progress: bool = True, server: ServerProcess | None = None, label: str = "",
-          endpoint: str = ENDPOINT, log=print) -> list[dict]:
+
+def sweep(
+    url: str,
+    prompts: list[BenchRequest],
+    concurrencies: list[int] | None,
+    rates: list[float] | None,
+    num_requests: list[int],
+    seed: int = 0,
+    max_concurrency: int | None = None,
+    model: str | None = None,
+    progress: bool = True,
+    server: ServerProcess | None = None,
+    label: str = "",
+    endpoint: str = ENDPOINT,
+    log=print,
+) -> list[dict]:
     """One run per concurrency (or rate); run i uses the first num_requests[i] prompts."""
     points = [(c, math.inf) for c in concurrencies] if concurrencies else [(max_concurrency, r) for r in rates]
     runs = []
@@ -266,20 +318,31 @@ def sweep(url: str, prompts: list[BenchRequest], concurrencies: list[int] | None
 
 
 def dataset_info(args: argparse.Namespace, prompts: list[BenchRequest], tokenizer_used: bool) -> dict:
-    return {"kind": "random-words", "seed": args.seed, "input_len_range": list(parse_range(args.input_len)),
-            "output_len_range": list(parse_range(args.output_len)), "num_prompts": len(prompts),
-            "exact_input_lengths": tokenizer_used, "temperature": 0.0,
-            "input_lens": [p.input_len for p in prompts], "output_lens": [p.output_len for p in prompts]}
+    return {
+        "kind": "random-words",
+        "seed": args.seed,
+        "input_len_range": list(parse_range(args.input_len)),
+        "output_len_range": list(parse_range(args.output_len)),
+        "num_prompts": len(prompts),
+        "exact_input_lengths": tokenizer_used,
+        "temperature": 0.0,
+        "input_lens": [p.input_len for p in prompts],
+        "output_lens": [p.output_len for p in prompts],
+    }
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     target = parser.add_argument_group("server")
     target.add_argument("--url", help="base URL of a running server, e.g. http://127.0.0.1:6006")
     target.add_argument("--launch", metavar="MODEL_DIR", help="start `python api.py` on this model instead of --url")
-    target.add_argument("--tokenizer", metavar="TOK_DIR",
-                        help="Llama-2 tokenizer dir: the server's with --launch, and exact prompt lengths")
+    target.add_argument(
+        "--tokenizer",
+        metavar="TOK_DIR",
+        help="Llama-2 tokenizer dir: the server's with --launch, and exact prompt lengths",
+    )
     target.add_argument("--server-flags", default="", help="extra flags for api.py with --launch (one string)")
     target.add_argument("--server-log", default=None, help="file for the launched server's output")
     target.add_argument("--model-dir", default=None, help="checkpoint dir, only to record the model's shape")
@@ -287,11 +350,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     target.add_argument("--endpoint", default=ENDPOINT)
     load = parser.add_argument_group("load")
     load.add_argument("--concurrency", default=None, help="comma list of client counts, one run each (e.g. 1,4,16,64)")
-    load.add_argument("--request-rate", default=None,
-                      help="comma list of Poisson request rates per second, one run each ('inf' = all at once)")
+    load.add_argument(
+        "--request-rate",
+        default=None,
+        help="comma list of Poisson request rates per second, one run each ('inf' = all at once)",
+    )
     load.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight with --request-rate")
-    load.add_argument("--num-requests", default="64",
-                      help="requests per run: one number, or a comma list with one per concurrency/rate")
+    load.add_argument(
+        "--num-requests",
+        default="64",
+        help="requests per run: one number, or a comma list with one per concurrency/rate",
+    )
     load.add_argument("--input-len", default="16:512", help="prompt tokens (BOS included), LOW:HIGH, uniform")
     load.add_argument("--output-len", default="16:256", help="max_tokens per request, LOW:HIGH, uniform")
     load.add_argument("--seed", type=int, default=0)
@@ -326,27 +395,43 @@ def main(argv=None) -> int:
         print(f"error: --num-requests has {len(counts)} numbers for {points} runs", file=sys.stderr)
         return 2
     tokenizer = load_tokenizer(args.tokenizer)
-    prompts = build_prompts(max(counts), parse_range(args.input_len), parse_range(args.output_len), args.seed,
-                            tokenizer)
+    prompts = build_prompts(
+        max(counts), parse_range(args.input_len), parse_range(args.output_len), args.seed, tokenizer
+    )
     server = None
     url = args.url.rstrip("/") if args.url else None
     model_dir = args.model_dir or args.launch
     try:
         if args.launch:
             print(f"starting python api.py on {args.launch} ...", file=sys.stderr, flush=True)
-            server = ServerProcess.openelm(args.launch, args.tokenizer, shlex.split(args.server_flags),
-                                           log_path=args.server_log)
+            server = ServerProcess.openelm(
+                args.launch, args.tokenizer, shlex.split(args.server_flags), log_path=args.server_log
+            )
             server.wait_ready()
             url = server.url
         limit = server_max_model_len(url)
         longest = max(p.input_len + p.output_len for p in prompts)
         if limit is not None and longest > limit:
-            print(f"warning: the longest request needs {longest} tokens but the server's max_model_len is {limit}; "
-                  "such requests will fail (raise --max-model-len or lower --input-len/--output-len)",
-                  file=sys.stderr)
+            print(
+                f"warning: the longest request needs {longest} tokens but the server's max_model_len is {limit}; "
+                "such requests will fail (raise --max-model-len or lower --input-len/--output-len)",
+                file=sys.stderr,
+            )
         warm_up(url, args.model, args.warmup, args.endpoint)
-        runs = sweep(url, prompts, concurrencies, rates, counts, args.seed, args.max_concurrency, args.model,
-                     not args.no_progress, server, args.label, args.endpoint)
+        runs = sweep(
+            url,
+            prompts,
+            concurrencies,
+            rates,
+            counts,
+            args.seed,
+            args.max_concurrency,
+            args.model,
+            not args.no_progress,
+            server,
+            args.label,
+            args.endpoint,
+        )
     finally:
         if server is not None:
             server.stop()
@@ -357,8 +442,12 @@ def main(argv=None) -> int:
         "git": git_revision(),
         "versions": versions(),
         "machine": machine_info(),
-        "server": {"url": url, "launched": bool(args.launch),
-                   "command": server.command if server else None, "max_model_len": limit},
+        "server": {
+            "url": url,
+            "launched": bool(args.launch),
+            "command": server.command if server else None,
+            "max_model_len": limit,
+        },
         "model": model_info(model_dir),
         "dataset": dataset_info(args, prompts, tokenizer is not None),
         "series": {args.label: runs},

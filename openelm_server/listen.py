@@ -28,19 +28,26 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except socket.gaierror as error:
         sock.close()
-        raise ListenError(f"--host {host}: not an address of this machine ({error.strerror}); "
-                          f"use 0.0.0.0 for every interface or 127.0.0.1 for this machine only") from error
+        raise ListenError(
+            f"--host {host}: not an address of this machine ({error.strerror}); "
+            f"use 0.0.0.0 for every interface or 127.0.0.1 for this machine only"
+        ) from error
     except OSError as error:
         sock.close()
         if error.errno == errno.EADDRINUSE:
-            raise ListenError(f"port {port} is already in use on {host or '0.0.0.0'} (another server, or an earlier "
-                              f"api.py still running?); stop it or pass --port / PORT") from error
+            raise ListenError(
+                f"port {port} is already in use on {host or '0.0.0.0'} (another server, or an earlier "
+                f"api.py still running?); stop it or pass --port / PORT"
+            ) from error
         if error.errno == errno.EACCES:
-            raise ListenError(f"port {port}: permission denied (ports below 1024 need root); "
-                              f"pass --port with a port from 1024 up") from error
+            raise ListenError(
+                f"port {port}: permission denied (ports below 1024 need root); pass --port with a port from 1024 up"
+            ) from error
         if error.errno == errno.EADDRNOTAVAIL:
-            raise ListenError(f"--host {host}: not an address of this machine; use 0.0.0.0 for every interface "
-                              f"or 127.0.0.1 for this machine only") from error
+            raise ListenError(
+                f"--host {host}: not an address of this machine; use 0.0.0.0 for every interface "
+                f"or 127.0.0.1 for this machine only"
+            ) from error
         raise ListenError(f"cannot listen on {host}:{port}: {error.strerror}") from error
     return sock
 

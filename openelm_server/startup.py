@@ -8,17 +8,24 @@ from pathlib import Path
 
 import torch
 
-from .engine import Engine, EngineConfig
-from .kv_cache import KVCache
-from .chat import ChatTemplate, ChatTemplateError
-from .cpu_linear import can_use_onednn, embedding_copy_megabytes, use_onednn_linears
-from .demo import DemoError
-from .linear_choice import choose_linear_kernels
-from .listen import ListenError
-from .openelm import (CheckpointError, ForwardBatch, OpenELM, OpenELMConfig, checkpoint_files, fuse_elementwise,
-                      load_openelm)
-from .settings import Settings
-from .tokenizer import TokenizerError, load_tokenizer
+from openelm_server.config import Settings
+from openelm_server.demo import DemoError
+from openelm_server.engine.async_engine import Engine, EngineConfig
+from openelm_server.listen import ListenError
+from openelm_server.model.cpu_linear import can_use_onednn, embedding_copy_megabytes, use_onednn_linears
+from openelm_server.model.kv_cache import KVCache
+from openelm_server.model.linear_choice import choose_linear_kernels
+from openelm_server.model.openelm import (
+    CheckpointError,
+    ForwardBatch,
+    OpenELM,
+    OpenELMConfig,
+    checkpoint_files,
+    fuse_elementwise,
+    load_openelm,
+)
+from openelm_server.serving.chat_template import ChatTemplate, ChatTemplateError
+from openelm_server.tokenizer import TokenizerError, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +42,12 @@ STARTUP_ERRORS = (StartupError, ListenError, CheckpointError, TokenizerError, Ch
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        log.info("device auto: %s", "CUDA (" + torch.cuda.get_device_name(device) + ")" if device.type == "cuda"
-                 else "no CUDA GPU found, using the CPU (slow)")
+        log.info(
+            "device auto: %s",
+            "CUDA (" + torch.cuda.get_device_name(device) + ")"
+            if device.type == "cuda"
+            else "no CUDA GPU found, using the CPU (slow)",
+        )
         return device
     device = torch.device(name)
     if device.type == "cuda":
@@ -54,8 +65,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def check_directories(settings: Settings) -> None:
-    for label, path, flag in (("model", settings.model_path, "--model-path"),
-                              ("tokenizer", settings.tokenizer_path, "--tokenizer-path")):
+    for label, path, flag in (
+        ("model", settings.model_path, "--model-path"),
+        ("tokenizer", settings.tokenizer_path, "--tokenizer-path"),
+    ):
         if not Path(path).is_dir():
             raise StartupError(f"{label} directory {path} not found: run `bash download.sh` or pass {flag}")
 
@@ -78,8 +91,10 @@ def slots_that_fit(model: OpenELM, settings: Settings, device: torch.device, dty
     per_slot = KVCache.bytes_needed(model.config.num_kv_heads, model.config.head_dim, 1, settings.max_model_len, dtype)
     fitting = int(budget // per_slot)
     if fitting < 1:
-        raise StartupError(f"--gpu-memory-utilization {settings.gpu_memory_utilization}: no room for a single "
-                           f"KV-cache slot of {per_slot / 2**20:.0f} MiB after the weights")
+        raise StartupError(
+            f"--gpu-memory-utilization {settings.gpu_memory_utilization}: no room for a single "
+            f"KV-cache slot of {per_slot / 2**20:.0f} MiB after the weights"
+        )
     return min(settings.max_batch_size, fitting)
 
 
@@ -95,13 +110,18 @@ def compile_elementwise(model: OpenELM) -> None:
             # One call per shape class: batch and length of 1 are compiled apart from larger ones.
             for rows, length in ((1, 1), (2, 1), (1, 8), (2, 8)):
                 positions = torch.arange(length, device=device).expand(rows, length)
-                model(torch.ones(rows, length, dtype=torch.long, device=device),
-                      ForwardBatch.build(cache, list(range(rows)), positions))
+                model(
+                    torch.ones(rows, length, dtype=torch.long, device=device),
+                    ForwardBatch.build(cache, list(range(rows)), positions),
+                )
     except Exception as error:  # torch.compile fails in many ways on machines without its tools
         fuse_elementwise(False)
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        log.warning("torch.compile cannot run here (%s); element-wise kernels stay unfused: decode is slower, "
-                    "results are the same; --no-compile skips this attempt", reason[:200])
+        log.warning(
+            "torch.compile cannot run here (%s); element-wise kernels stay unfused: decode is slower, "
+            "results are the same; --no-compile skips this attempt",
+            reason[:200],
+        )
         return
     log.info("element-wise kernels fused with torch.compile in %.1f s", time.perf_counter() - started)
 
@@ -112,8 +132,10 @@ def build_engine(settings: Settings) -> tuple[Engine, object]:
     model_config = check_model_files(settings)
     tokenizer = load_tokenizer(settings.tokenizer_path)
     if len(tokenizer) > model_config.vocab_size:
-        raise StartupError(f"the tokenizer in {settings.tokenizer_path} has {len(tokenizer)} tokens, more than the "
-                           f"model's {model_config.vocab_size}: --tokenizer-path must be the Llama-2 tokenizer")
+        raise StartupError(
+            f"the tokenizer in {settings.tokenizer_path} has {len(tokenizer)} tokens, more than the "
+            f"model's {model_config.vocab_size}: --tokenizer-path must be the Llama-2 tokenizer"
+        )
     ChatTemplate.choose(settings.chat_template, tokenizer)
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
@@ -123,14 +145,20 @@ def build_engine(settings: Settings) -> tuple[Engine, object]:
             choose_linear_kernels(model)
         elif settings.onednn_linear:
             use_onednn_linears(model)
-            log.info("linear layers use oneDNN (--onednn-linear); the token embedding is held twice, %.0f MB extra",
-                     embedding_copy_megabytes(model))
+            log.info(
+                "linear layers use oneDNN (--onednn-linear); the token embedding is held twice, %.0f MB extra",
+                embedding_copy_megabytes(model),
+            )
     if settings.compile and device.type == "cuda":
         compile_elementwise(model)
     max_model_len = min(settings.max_model_len, model.config.max_context_length)
     if max_model_len < settings.max_model_len:
         log.warning("--max-model-len %d is beyond the model's context; using %d", settings.max_model_len, max_model_len)
-    config = EngineConfig(max_batch_size=slots_that_fit(model, settings, device, dtype), max_model_len=max_model_len,
-                          max_queue=settings.max_queue, max_prefill_tokens=settings.max_prefill_tokens,
-                          cuda_graphs=settings.cuda_graphs)
+    config = EngineConfig(
+        max_batch_size=slots_that_fit(model, settings, device, dtype),
+        max_model_len=max_model_len,
+        max_queue=settings.max_queue,
+        max_prefill_tokens=settings.max_prefill_tokens,
+        cuda_graphs=settings.cuda_graphs,
+    )
     return Engine(model, tokenizer, config), tokenizer

@@ -19,8 +19,12 @@ def load_tokenizer(tokenizer_dir: str | Path) -> PreTrainedTokenizerBase:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), use_fast=False)
     except Exception as error:  # transformers raises many kinds for a broken directory; each is a user error here
-        raise TokenizerError(f"{tokenizer_dir}: cannot load the tokenizer ({type(error).__name__}: "
-                             f"{str(error).splitlines()[0] if str(error) else 'no details'})") from error
+        raise TokenizerError(
+            f"{tokenizer_dir}: cannot load the tokenizer ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else 'no details'})"
+        ) from error
     if not tokenizer("a").input_ids[:1] == [tokenizer.bos_token_id]:
-        raise TokenizerError(f"{tokenizer_dir}: the tokenizer does not add BOS; set add_bos_token in tokenizer_config.json")
+        raise TokenizerError(
+            f"{tokenizer_dir}: the tokenizer does not add BOS; set add_bos_token in tokenizer_config.json"
+        )
     return tokenizer

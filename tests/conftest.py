@@ -20,14 +20,13 @@ from pathlib import Path
 import pytest
 import requests
 
+from openelm_server.demo import train_tokenizer, write_tiny_checkpoint
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_FIXTURES = ROOT.parent / "shared" / "fixtures"
 SHARED_MODEL = SHARED_FIXTURES / "openelm-tiny"
 SHARED_TOKENIZER = SHARED_FIXTURES / "llama2-tokenizer"
 
-sys.path.insert(0, str(ROOT))
-
-from openelm_server.demo import train_tokenizer, write_tiny_checkpoint  # noqa: E402
 
 @pytest.fixture(scope="session")
 def own_tokenizer_dir(tmp_path_factory) -> Path:
@@ -43,8 +42,9 @@ def own_model_dir(tmp_path_factory, own_tokenizer_dir) -> Path:
     vocab = sentencepiece.SentencePieceProcessor(model_file=str(own_tokenizer_dir / "tokenizer.model")).vocab_size()
     # The published context (2048) and no early EOS, so that every server test runs on it as
     # on the shared fixture.
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("own-model") / "openelm-own", vocab_size=vocab,
-                           quiet_eos=True, max_context_length=2048)
+    return write_tiny_checkpoint(
+        tmp_path_factory.mktemp("own-model") / "openelm-own", vocab_size=vocab, quiet_eos=True, max_context_length=2048
+    )
 
 
 @pytest.fixture(scope="session")
@@ -85,13 +85,22 @@ class LiveServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"openelm-server-{self.port}.log"
         paths = [] if model_dir is None else ["--model-path", str(model_dir), "--tokenizer-path", str(tokenizer_dir)]
-        command = [sys.executable, str(ROOT / "api.py"), *paths, "--host", "127.0.0.1", "--port", str(self.port),
-                   *flags]
+        command = [
+            sys.executable,
+            str(ROOT / "api.py"),
+            *paths,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            *flags,
+        ]
         self.log_file = open(self.log_path, "w+")
-        self.process = subprocess.Popen(command, cwd=ROOT, stdout=self.log_file, stderr=subprocess.STDOUT,
-                                        env={**os.environ, **(env or {})})
+        self.process = subprocess.Popen(
+            command, cwd=ROOT, stdout=self.log_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
 
-    def wait_ready(self, timeout: float = 90.0) -> "LiveServer":
+    def wait_ready(self, timeout: float = 90.0) -> LiveServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -123,8 +132,9 @@ def start_server():
     """Start extra servers with their own flags; all are stopped at the end of the session."""
     servers: list[LiveServer] = []
 
-    def start(model_dir: Path | None, tokenizer_dir: Path | None, *flags: str, env: dict | None = None,
-              wait: bool = True) -> LiveServer:
+    def start(
+        model_dir: Path | None, tokenizer_dir: Path | None, *flags: str, env: dict | None = None, wait: bool = True
+    ) -> LiveServer:
         server = LiveServer(model_dir, tokenizer_dir, *flags, env=env)
         servers.append(server)
         return server.wait_ready() if wait else server

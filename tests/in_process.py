@@ -10,15 +10,19 @@ from pathlib import Path
 import httpx
 from openai import AsyncOpenAI
 
-from openelm_server.app import create_app
-from openelm_server.settings import Settings
+from openelm_server.config import Settings
+from openelm_server.serving.app import create_app
 from openelm_server.startup import build_engine
 
 
 class InProcessServer:
     def __init__(self, model_dir: Path, tokenizer_dir: Path, **settings):
-        settings = Settings(model_path=str(model_dir), tokenizer_path=str(tokenizer_dir), device="cpu",
-                            **{"max_batch_size": 8, "max_model_len": 512, **settings})
+        settings = Settings(
+            model_path=str(model_dir),
+            tokenizer_path=str(tokenizer_dir),
+            device="cpu",
+            **{"max_batch_size": 8, "max_model_len": 512, **settings},
+        )
         self.engine, self.tokenizer = build_engine(settings)
         self.app = create_app(settings, self.engine, self.tokenizer)
         self.model = settings.model_name
@@ -28,8 +32,7 @@ class InProcessServer:
         self.engine.shutdown()
 
     def _client(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://in-process",
-                                 timeout=120)
+        return httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://in-process", timeout=120)
 
     def request(self, method: str, path: str, **kwargs) -> httpx.Response:
         async def call():
@@ -57,6 +60,7 @@ class InProcessServer:
 
     def sdk(self, call):
         """Run ``call(client)`` with the official openai SDK on this app; returns its result."""
+
         async def run():
             async with self._client() as http:
                 client = AsyncOpenAI(base_url="http://in-process/v1", api_key="x", http_client=http, max_retries=0)

@@ -28,8 +28,16 @@ URL = "http://127.0.0.1:8000"
 DASHBOARD = "http://127.0.0.1:8265"
 # Two CPU replicas of the tiny model; an engine takes 2 running + 1 waiting requests, and Ray
 # holds 1 more while both replicas are full: of 9 long requests at once, 2 must get Ray's 503.
-APP_ARGS = {"device": "cpu", "num_replicas": "2", "max_batch_size": "2", "max_queue": "1", "max_model_len": "512",
-            "max_queued_requests": "1", "log_prompts": "false", "shutdown_timeout": "5"}
+APP_ARGS = {
+    "device": "cpu",
+    "num_replicas": "2",
+    "max_batch_size": "2",
+    "max_queue": "1",
+    "max_model_len": "512",
+    "max_queued_requests": "1",
+    "log_prompts": "false",
+    "shutdown_timeout": "5",
+}
 # What the two replicas take at once (2 x (2 + 1)); one more request would wait in Ray's queue.
 CAPACITY = 6
 # Long enough to be still running when the test acts on it (a replica killed, others turned away).
@@ -55,13 +63,25 @@ def main(model_dir: str, tokenizer_dir: str, work_dir: str) -> int:
 def run(model_dir: str, tokenizer_dir: str, work: Path, facts: dict, started: float) -> None:
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", _temp_dir=str(work / "ray"),
-             log_to_driver=False, namespace="serve")
+    ray.init(
+        num_cpus=4,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        _temp_dir=str(work / "ray"),
+        log_to_driver=False,
+        namespace="serve",
+    )
     facts["node_ip"] = ray.util.get_node_ip_address()
     config = {
         "http_options": {"host": "127.0.0.1", "port": 8000},
-        "applications": [{"name": "openelm", "route_prefix": "/", "import_path": "openelm_server.ray_serve:build_app",
-                          "args": {"model_path": model_dir, "tokenizer_path": tokenizer_dir, **APP_ARGS}}],
+        "applications": [
+            {
+                "name": "openelm",
+                "route_prefix": "/",
+                "import_path": "openelm_server.serving.ray_serve:build_app",
+                "args": {"model_path": model_dir, "tokenizer_path": tokenizer_dir, **APP_ARGS},
+            }
+        ],
     }
     config_path = work / "serve.yaml"
     config_path.write_text(yaml.safe_dump(config))
@@ -117,9 +137,12 @@ def health_ok() -> bool:
 
 
 def answer(response: requests.Response, body: str | None = None) -> dict:
-    return {"status": response.status_code, "replica_id": response.headers.get("x-replica-id"),
-            "content_type": response.headers.get("content-type"),
-            "body": response.text if body is None else body}
+    return {
+        "status": response.status_code,
+        "replica_id": response.headers.get("x-replica-id"),
+        "content_type": response.headers.get("content-type"),
+        "body": response.text if body is None else body,
+    }
 
 
 def every_route() -> dict:
@@ -130,30 +153,44 @@ def every_route() -> dict:
         "POST /": answer(requests.post(URL + "/", json={"prompt": "Hello", "max_new_tokens": 8}, timeout=60)),
         "POST / (bad input)": answer(requests.post(URL + "/", json={"prompt": 5}, timeout=30)),
     }
-    with requests.post(URL + "/", json={"prompt": "Hello", "max_new_tokens": 8, "stream": True}, stream=True,
-                       timeout=60) as stream:
+    with requests.post(
+        URL + "/", json={"prompt": "Hello", "max_new_tokens": 8, "stream": True}, stream=True, timeout=60
+    ) as stream:
         routes["POST / (stream)"] = answer(stream, "".join(stream.iter_content(decode_unicode=True)))
     client = openai.OpenAI(base_url=URL + "/v1", api_key="none", max_retries=0, timeout=60)
     model = client.models.list().data[0].id
     completion = client.completions.with_raw_response.create(model=model, prompt="Hi", max_tokens=5, temperature=0)
-    routes["POST /v1/completions"] = {"status": completion.status_code, "replica_id": completion.headers.get("x-replica-id"),
-                                      "body": completion.parse().choices[0].text}
+    routes["POST /v1/completions"] = {
+        "status": completion.status_code,
+        "replica_id": completion.headers.get("x-replica-id"),
+        "body": completion.parse().choices[0].text,
+    }
     chat = client.chat.completions.with_raw_response.create(
-        model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=5)
-    routes["POST /v1/chat/completions"] = {"status": chat.status_code, "replica_id": chat.headers.get("x-replica-id"),
-                                           "body": chat.parse().choices[0].message.content}
+        model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=5
+    )
+    routes["POST /v1/chat/completions"] = {
+        "status": chat.status_code,
+        "replica_id": chat.headers.get("x-replica-id"),
+        "body": chat.parse().choices[0].message.content,
+    }
     with client.chat.completions.with_streaming_response.create(
-            model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=5, stream=True) as streamed:
+        model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=5, stream=True
+    ) as streamed:
         pieces = [chunk.choices[0].delta.content or "" for chunk in streamed.parse() if chunk.choices]
-        routes["POST /v1/chat/completions (stream)"] = {"status": streamed.status_code,
-                                                        "replica_id": streamed.headers.get("x-replica-id"),
-                                                        "body": "".join(pieces)}
-    with client.completions.with_streaming_response.create(model=model, prompt="Hi", max_tokens=5, temperature=0,
-                                                          stream=True) as streamed:
+        routes["POST /v1/chat/completions (stream)"] = {
+            "status": streamed.status_code,
+            "replica_id": streamed.headers.get("x-replica-id"),
+            "body": "".join(pieces),
+        }
+    with client.completions.with_streaming_response.create(
+        model=model, prompt="Hi", max_tokens=5, temperature=0, stream=True
+    ) as streamed:
         pieces = [chunk.choices[0].text for chunk in streamed.parse()]
-        routes["POST /v1/completions (stream)"] = {"status": streamed.status_code,
-                                                   "replica_id": streamed.headers.get("x-replica-id"),
-                                                   "body": "".join(pieces)}
+        routes["POST /v1/completions (stream)"] = {
+            "status": streamed.status_code,
+            "replica_id": streamed.headers.get("x-replica-id"),
+            "body": "".join(pieces),
+        }
     return routes
 
 
@@ -168,10 +205,14 @@ def replica_ids_of_concurrent_requests(count: int) -> set[str]:
 
 def overload(count: int) -> list[dict]:
     """More long requests at once than the replicas and Ray's queue hold."""
+
     def one(_):
         response = requests.post(URL + "/", json=MEDIUM, timeout=120)
-        return {"status": response.status_code, "retry_after": response.headers.get("retry-after"),
-                "body": response.text[:200]}
+        return {
+            "status": response.status_code,
+            "retry_after": response.headers.get("retry-after"),
+            "body": response.text[:200],
+        }
 
     with concurrent.futures.ThreadPoolExecutor(count) as pool:
         return list(pool.map(one, range(count)))
@@ -206,11 +247,15 @@ def kill_a_replica_mid_request() -> dict:
         facts.setdefault("ids_while_replacing", []).append(sorted(ids))
         return len(ids) == 2 and victim not in ids
 
-    wait_until(lambda: running_replicas() == 2 and replacement_serves(), REPLICA_SERVE_TIMEOUT,
-               "a replacement replica to serve")
+    wait_until(
+        lambda: running_replicas() == 2 and replacement_serves(),
+        REPLICA_SERVE_TIMEOUT,
+        "a replacement replica to serve",
+    )
     facts["seconds_until_replaced"] = round(time.monotonic() - killed, 1)
-    facts["after"] = [answer(requests.post(URL + "/", json={"prompt": "Hi", "max_new_tokens": 4}, timeout=60))
-                      for _ in range(4)]
+    facts["after"] = [
+        answer(requests.post(URL + "/", json={"prompt": "Hi", "max_new_tokens": 4}, timeout=60)) for _ in range(4)
+    ]
     return facts
 
 
@@ -218,8 +263,11 @@ def timed_post(body: dict) -> dict:
     started = time.monotonic()
     try:
         response = requests.post(URL + "/", json=body, timeout=120)
-        result = {"status": response.status_code, "replica_id": response.headers.get("x-replica-id"),
-                  "body": response.text[:200]}
+        result = {
+            "status": response.status_code,
+            "replica_id": response.headers.get("x-replica-id"),
+            "body": response.text[:200],
+        }
     except requests.RequestException as error:
         result = {"error": f"{type(error).__name__}: {error}"[:300]}
     return {**result, "seconds": round(time.monotonic() - started, 1)}
@@ -238,7 +286,7 @@ def listening_sockets() -> list[str]:
             if width == 8:
                 text = socket.inet_ntop(socket.AF_INET, raw[::-1])
             else:  # four little-endian 32-bit words
-                text = socket.inet_ntop(socket.AF_INET6, b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))
+                text = socket.inet_ntop(socket.AF_INET6, b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4)))
             found.append(f"{text}:{int(port, 16)}")
     return sorted(set(found))
 
@@ -259,13 +307,15 @@ def processes_in_this_namespace() -> dict[int, str]:
 
 def other_processes_in_this_namespace() -> dict[int, str]:
     """What is left besides this driver and the shell that started it."""
-    return {pid: cmd for pid, cmd in processes_in_this_namespace().items()
-            if pid not in (os.getpid(), os.getppid())}
+    return {pid: cmd for pid, cmd in processes_in_this_namespace().items() if pid not in (os.getpid(), os.getppid())}
 
 
 def serve_processes() -> dict[int, str]:
-    return {pid: cmd for pid, cmd in processes_in_this_namespace().items()
-            if any(name in cmd for name in ("ServeController", "ProxyActor", "ServeReplica"))}
+    return {
+        pid: cmd
+        for pid, cmd in processes_in_this_namespace().items()
+        if any(name in cmd for name in ("ServeController", "ProxyActor", "ServeReplica"))
+    }
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from bench.bandwidth import measure_bandwidth, roofline
 from bench.common import RequestResult, ServerProcess, aggregate, build_prompts, load_tokenizer, percentile
 
@@ -40,11 +39,23 @@ def test_prompt_lengths_are_exact_with_the_llama_tokenizer(shared_tokenizer_dir)
 
 
 def test_metrics_of_a_run():
-    results = [RequestResult(ok=True, prompt_tokens=10, output_tokens=5, ttft=0.1, latency=0.5,
-                             itl=[0.1] * 4, start=0.0, end=0.5, finish_reason="length"),
-               RequestResult(ok=True, prompt_tokens=20, output_tokens=1, ttft=0.2, latency=0.2,
-                             start=0.1, end=0.3, finish_reason="stop"),
-               RequestResult(ok=False, error="HTTP 503: busy", start=0.1, end=0.2)]
+    results = [
+        RequestResult(
+            ok=True,
+            prompt_tokens=10,
+            output_tokens=5,
+            ttft=0.1,
+            latency=0.5,
+            itl=[0.1] * 4,
+            start=0.0,
+            end=0.5,
+            finish_reason="length",
+        ),
+        RequestResult(
+            ok=True, prompt_tokens=20, output_tokens=1, ttft=0.2, latency=0.2, start=0.1, end=0.3, finish_reason="stop"
+        ),
+        RequestResult(ok=False, error="HTTP 503: busy", start=0.1, end=0.2),
+    ]
     metrics = aggregate(results, duration=2.0)
     assert (metrics["completed"], metrics["failed"], metrics["errors"]) == (2, 1, ["HTTP 503: busy"])
     assert metrics["output_throughput"] == 3.0 and metrics["request_throughput"] == 1.0
@@ -63,11 +74,25 @@ def test_bandwidth_and_roofline():
 
 
 def test_make_checkpoint_writes_a_loadable_published_layout(tmp_path):
-    from openelm_server.openelm import load_openelm
+    from openelm_server.model.openelm import load_openelm
 
     out = tmp_path / "openelm-small"
-    args = ["bench/make_checkpoint.py", "--size", "270M", "--layers", "3", "--vocab-size", "320",
-            "--config-json", '{"model_dim": 64, "head_dim": 16}', "--dtype", "float32", "--out", str(out)]
+    args = [
+        "-m",
+        "bench.make_checkpoint",
+        "--size",
+        "270M",
+        "--layers",
+        "3",
+        "--vocab-size",
+        "320",
+        "--config-json",
+        '{"model_dim": 64, "head_dim": 16}',
+        "--dtype",
+        "float32",
+        "--out",
+        str(out),
+    ]
     made = run_script(*args, "--max-shard-gb", "0.0003")
     assert made.returncode == 0, made.stderr
     assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("model-0000*.safetensors"))) > 1
@@ -79,7 +104,7 @@ def test_make_checkpoint_writes_a_loadable_published_layout(tmp_path):
 
 def test_the_baseline_matches_the_openelm_size():
     from bench.baseline_hf import llama_config_for
-    from openelm_server.openelm import published_config
+    from openelm_server.model.openelm import published_config
 
     for size in ("270M", "3B"):
         _, description = llama_config_for(published_config(size))
@@ -89,10 +114,27 @@ def test_the_baseline_matches_the_openelm_size():
 def test_serve_bench_against_our_server_writes_json_and_plot(serving_dirs, tmp_path):
     model_dir, tokenizer_dir = serving_dirs
     out = tmp_path / "results.json"
-    run = run_script("bench/serve_bench.py", "--launch", str(model_dir), "--tokenizer", str(tokenizer_dir),
-                     "--server-flags", "--max-batch-size 4 --max-model-len 256", "--concurrency", "1,3",
-                     "--num-requests", "2,5", "--input-len", "8:24", "--output-len", "4:10", "--out", str(out),
-                     "--no-progress")
+    run = run_script(
+        "-m",
+        "bench.serve_bench",
+        "--launch",
+        str(model_dir),
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--server-flags",
+        "--max-batch-size 4 --max-model-len 256",
+        "--concurrency",
+        "1,3",
+        "--num-requests",
+        "2,5",
+        "--input-len",
+        "8:24",
+        "--output-len",
+        "4:10",
+        "--out",
+        str(out),
+        "--no-progress",
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     results = json.loads(out.read_text())
     runs = results["series"]["openelm_server"]
@@ -111,32 +153,90 @@ def test_the_baseline_server_answers_like_ours(serving_dirs, tmp_path):
     from bench.common import free_port
 
     port = free_port()
-    baseline = ServerProcess([sys.executable, "bench/baseline_hf.py", "serve", "--model-dir", str(model_dir),
-                              "--tokenizer", str(tokenizer_dir), "--port", str(port), "--device", "cpu"],
-                             port, tmp_path / "baseline.log")
+    baseline = ServerProcess(
+        [
+            sys.executable,
+            "-m",
+            "bench.baseline_hf",
+            "serve",
+            "--model-dir",
+            str(model_dir),
+            "--tokenizer",
+            str(tokenizer_dir),
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+        ],
+        port,
+        tmp_path / "baseline.log",
+    )
     with baseline:
         baseline.wait_ready(180)
         out = tmp_path / "baseline.json"
-        run = run_script("bench/serve_bench.py", "--url", baseline.url, "--tokenizer", str(tokenizer_dir),
-                         "--concurrency", "1", "--num-requests", "2", "--input-len", "8:16", "--output-len", "5:5",
-                         "--label", "baseline_hf", "--out", str(out), "--no-progress", "--no-plot")
+        run = run_script(
+            "-m",
+            "bench.serve_bench",
+            "--url",
+            baseline.url,
+            "--tokenizer",
+            str(tokenizer_dir),
+            "--concurrency",
+            "1",
+            "--num-requests",
+            "2",
+            "--input-len",
+            "8:16",
+            "--output-len",
+            "5:5",
+            "--label",
+            "baseline_hf",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--no-plot",
+        )
         assert run.returncode == 0, run.stdout + run.stderr
     [result] = json.loads(out.read_text())["series"]["baseline_hf"]
     assert result["completed"] == 2 and result["total_output_tokens"] == 10  # min_new_tokens: exact lengths
 
 
 def test_serve_bench_refuses_contradictory_arguments():
-    run = run_script("bench/serve_bench.py", "--url", "http://127.0.0.1:9", "--launch", "x")
+    run = run_script("-m", "bench.serve_bench", "--url", "http://127.0.0.1:9", "--launch", "x")
     assert run.returncode == 2 and "exactly one of --url and --launch" in run.stderr
 
 
 def test_soak_runs_and_reports(serving_dirs, tmp_path):
     model_dir, tokenizer_dir = serving_dirs
     out = tmp_path / "soak.json"
-    run = run_script("bench/soak.py", "--launch", str(model_dir), "--tokenizer", str(tokenizer_dir),
-                     "--duration", "8", "--concurrency", "4", "--warmup", "1", "--sample-interval", "1",
-                     "--max-tokens", "4:12", "--prompt-words", "2:20", "--out", str(out), "--no-progress",
-                     "--", "--max-batch-size", "4", "--max-model-len", "256")
+    run = run_script(
+        "-m",
+        "bench.soak",
+        "--launch",
+        str(model_dir),
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--duration",
+        "8",
+        "--concurrency",
+        "4",
+        "--warmup",
+        "1",
+        "--sample-interval",
+        "1",
+        "--max-tokens",
+        "4:12",
+        "--prompt-words",
+        "2:20",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--",
+        "--max-batch-size",
+        "4",
+        "--max-model-len",
+        "256",
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads(out.read_text())
     summary = report["summary"]
@@ -149,10 +249,34 @@ def test_soak_runs_and_reports(serving_dirs, tmp_path):
 def test_run_all_compares_both_servers_side_by_side(serving_dirs, tmp_path):
     model_dir, tokenizer_dir = serving_dirs
     before = sorted(p.name for p in model_dir.iterdir())
-    run = run_script("bench/run_all.py", "--checkpoint", str(model_dir), "--tokenizer", str(tokenizer_dir),
-                     "--concurrency", "1,2", "--num-requests", "2,3", "--baseline-concurrency", "1,2",
-                     "--baseline-requests", "2", "--rounds", "1", "--input-len", "8:16", "--output-len", "4:6",
-                     "--out-dir", str(tmp_path), "--name", "smoke", "--no-progress", timeout=400)
+    run = run_script(
+        "-m",
+        "bench.run_all",
+        "--checkpoint",
+        str(model_dir),
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--concurrency",
+        "1,2",
+        "--num-requests",
+        "2,3",
+        "--baseline-concurrency",
+        "1,2",
+        "--baseline-requests",
+        "2",
+        "--rounds",
+        "1",
+        "--input-len",
+        "8:16",
+        "--output-len",
+        "4:6",
+        "--out-dir",
+        str(tmp_path),
+        "--name",
+        "smoke",
+        "--no-progress",
+        timeout=400,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert sorted(p.name for p in model_dir.iterdir()) == before  # a given checkpoint is never rewritten
     results = json.loads((tmp_path / "smoke.json").read_text())

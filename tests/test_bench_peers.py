@@ -12,7 +12,7 @@ import pytest
 
 from bench.make_checkpoint import build_config
 from bench.peers.llama_cpp import published_layout
-from openelm_server.openelm import OpenELMConfig, make_divisible
+from openelm_server.model.openelm import OpenELMConfig, make_divisible
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,7 +41,8 @@ def test_cuda_check_says_it_needs_cuda_on_a_machine_without_it():
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: bench/cuda_check.py runs for real there")
-    done = subprocess.run([sys.executable, "bench/cuda_check.py"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.cuda_check"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 2
     assert "no CUDA device" in done.stderr

@@ -6,7 +6,6 @@ from __future__ import annotations
 import openai
 import pytest
 
-
 PROMPT = "Once upon a time there was"
 MESSAGES = [{"role": "user", "content": "Tell me a story"}]
 
@@ -68,8 +67,14 @@ def streamed_choices(chunks: list[dict], text_key) -> tuple[dict[int, str], dict
 
 
 def test_completion_stream_interleaves_choices(app):
-    body = {"prompt": PROMPT, "max_tokens": 8, "temperature": 1.0, "n": 3, "seed": 9,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "prompt": PROMPT,
+        "max_tokens": 8,
+        "temperature": 1.0,
+        "n": 3,
+        "seed": 9,
+        "stream_options": {"include_usage": True},
+    }
     whole = app.post_ok("/v1/completions", body)
     chunks = app.stream("/v1/completions", body)
     texts, finishes, usage = streamed_choices(chunks, lambda c: c["text"])
@@ -81,8 +86,14 @@ def test_completion_stream_interleaves_choices(app):
 
 
 def test_chat_n_streamed_and_not(app):
-    body = {"messages": MESSAGES, "max_tokens": 6, "temperature": 1.0, "n": 2, "seed": 3,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "messages": MESSAGES,
+        "max_tokens": 6,
+        "temperature": 1.0,
+        "n": 2,
+        "seed": 3,
+        "stream_options": {"include_usage": True},
+    }
     whole = app.post_ok("/v1/chat/completions", body)
     assert [c["index"] for c in whole["choices"]] == [0, 1]
     chunks = app.stream("/v1/chat/completions", body)

@@ -10,9 +10,9 @@ import shutil
 import subprocess
 
 import pytest
-
 from conftest import ROOT
-from openelm_server.settings import Settings
+
+from openelm_server.config import Settings
 
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 UNIT = ROOT / "deploy" / "openelm-server.service"
@@ -110,6 +110,9 @@ def test_systemd_accepts_every_key(tmp_path):
     unit.write_text(UNIT.read_text())
     result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
     # The paths of an installation on this machine do not exist; anything else is a mistake in the unit.
-    problems = [line for line in (result.stdout + result.stderr).splitlines()
-                if line.strip() and "is not executable: No such file or directory" not in line]
+    problems = [
+        line
+        for line in (result.stdout + result.stderr).splitlines()
+        if line.strip() and "is not executable: No such file or directory" not in line
+    ]
     assert problems == []

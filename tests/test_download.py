@@ -24,10 +24,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "download.sh"
 FAKE_DIR = Path(__file__).resolve().parent / "fake_modelscope"
 
-sys.path.insert(0, str(FAKE_DIR))
 _write_bytecode = sys.dont_write_bytecode
 sys.dont_write_bytecode = True  # keep tests/fake_modelscope free of __pycache__
-import fake_cli  # noqa: E402
+from fake_modelscope import fake_cli  # noqa: E402
 
 sys.dont_write_bytecode = _write_bytecode
 
@@ -82,14 +81,7 @@ class Harness:
         self.fakebin = tmp_path / "fakebin"
         self.fakebin.mkdir()
         fake = self.fakebin / "modelscope"
-        fake.write_text(
-            f"#!{sys.executable}\n"
-            "import sys\n"
-            "sys.dont_write_bytecode = True\n"
-            f"sys.path.insert(0, {str(FAKE_DIR)!r})\n"
-            "from fake_cli import main\n"
-            "sys.exit(main(sys.argv[1:]))\n"
-        )
+        fake.write_text(f'#!/bin/sh\nexec {sys.executable} -B {FAKE_DIR / "fake_cli.py"} "$@"\n')
         fake.chmod(0o755)
 
     @property

@@ -10,7 +10,7 @@ from collections import Counter
 
 import torch
 
-from openelm_server.openelm import ForwardBatch, OpenELM, fuse_elementwise, load_openelm
+from openelm_server.model.openelm import ForwardBatch, OpenELM, fuse_elementwise, load_openelm
 from openelm_server.startup import compile_elementwise
 
 
@@ -31,6 +31,7 @@ def test_every_layer_uses_the_fused_functions_until_switched_back(own_model_dir,
         def counted(*args):
             calls[function.__name__] += 1
             return function(*args)
+
         return counted
 
     monkeypatch.setattr(torch, "compile", counting_compile)
@@ -54,6 +55,7 @@ def test_a_machine_where_compile_fails_keeps_the_plain_kernels(own_model_dir, mo
     def compile_without_triton(function, dynamic):
         def fail(*args):
             raise RuntimeError("Cannot find a working triton installation")
+
         return fail
 
     monkeypatch.setattr(torch, "compile", compile_without_triton)

@@ -11,15 +11,18 @@ import time
 import pytest
 import torch
 
-from openelm_server.engine import Engine, EngineConfig, QueueFullError
-from openelm_server.openelm import load_openelm
-from openelm_server.sampling import SamplingParams
+from openelm_server.engine.async_engine import Engine, EngineConfig, QueueFullError
+from openelm_server.engine.sampling import SamplingParams
+from openelm_server.model.openelm import load_openelm
 from openelm_server.tokenizer import load_tokenizer
 
 
 def make_engine(model_dir, tokenizer_dir, **config) -> Engine:
-    engine = Engine(load_openelm(model_dir, show_progress=False), load_tokenizer(tokenizer_dir),
-                    EngineConfig(**{"max_model_len": 256, **config}))
+    engine = Engine(
+        load_openelm(model_dir, show_progress=False),
+        load_tokenizer(tokenizer_dir),
+        EngineConfig(**{"max_model_len": 256, **config}),
+    )
     engine.start()
     return engine
 
@@ -59,8 +62,12 @@ def test_reference_tokens_among_15_others_arriving_at_different_times(shared_eng
     rng = random.Random(0)
 
     async def main():
-        return await asyncio.gather(*(run(shared_engine, c["prompt_ids"], greedy(reference["new_tokens"]),
-                                          delay=rng.uniform(0, 0.3)) for c in cases))
+        return await asyncio.gather(
+            *(
+                run(shared_engine, c["prompt_ids"], greedy(reference["new_tokens"]), delay=rng.uniform(0, 0.3))
+                for c in cases
+            )
+        )
 
     results = asyncio.run(main())
     for case, (tokens, _, finish) in zip(cases, results):
@@ -77,8 +84,9 @@ def test_self_made_model_alone_equals_in_a_crowd(own_engine):
         return [await run(own_engine, p, greedy(n)) for p, n in zip(prompts, lengths)]
 
     async def crowd():
-        return await asyncio.gather(*(run(own_engine, p, greedy(n), delay=rng.uniform(0, 0.2))
-                                      for p, n in zip(prompts, lengths)))
+        return await asyncio.gather(
+            *(run(own_engine, p, greedy(n), delay=rng.uniform(0, 0.2)) for p, n in zip(prompts, lengths))
+        )
 
     expected = asyncio.run(alone())
     assert asyncio.run(crowd()) == expected
@@ -131,6 +139,7 @@ def test_a_request_finishing_mid_batch_leaves_the_others_going(own_engine):
 def test_cancelling_frees_the_slot_at_the_next_step(own_model_dir, own_tokenizer_dir):
     engine = make_engine(own_model_dir, own_tokenizer_dir, max_batch_size=1)
     try:
+
         async def main():
             stream = engine.generate([1, 5, 6], greedy(200))
             await stream.__anext__()
@@ -152,6 +161,7 @@ def test_cancelling_frees_the_slot_at_the_next_step(own_model_dir, own_tokenizer
 def test_full_queue_raises(own_model_dir, own_tokenizer_dir):
     engine = make_engine(own_model_dir, own_tokenizer_dir, max_batch_size=1, max_queue=2)
     try:
+
         async def main():
             streams = [engine.generate([1, 5], greedy(200))]
             await asyncio.sleep(0.2)  # admitted: the only slot is taken
@@ -187,7 +197,7 @@ def test_stop_string_spanning_tokens_is_cut_and_not_returned(own_engine):
     stop = text[5:11]  # six characters: likely more than one token
     stopped_tokens, stopped_text, finish = asyncio.run(run(own_engine, prompt, greedy(30, stop=(stop,))))
     assert finish == "stop"
-    assert stopped_text == text[:text.index(stop)]
+    assert stopped_text == text[: text.index(stop)]
     assert stop not in stopped_text
     assert len(stopped_tokens) < len(tokens) and pieces
 
@@ -215,14 +225,21 @@ def test_seeded_sampling_is_reproducible_alone_and_in_a_batch(own_engine):
     alone = asyncio.run(run(own_engine, prompt, params))
 
     async def crowded():
-        noise = [run(own_engine, [1, 50 + i], SamplingParams(max_new_tokens=25, temperature=1.0, ignore_eos=True))
-                 for i in range(5)]
+        noise = [
+            run(own_engine, [1, 50 + i], SamplingParams(max_new_tokens=25, temperature=1.0, ignore_eos=True))
+            for i in range(5)
+        ]
         results = await asyncio.gather(run(own_engine, prompt, params, delay=0.05), *noise)
         return results[0]
 
     assert asyncio.run(crowded()) == alone
-    other_seed = asyncio.run(run(own_engine, prompt, SamplingParams(
-        max_new_tokens=20, temperature=1.0, top_p=0.95, top_k=100, seed=99, ignore_eos=True)))
+    other_seed = asyncio.run(
+        run(
+            own_engine,
+            prompt,
+            SamplingParams(max_new_tokens=20, temperature=1.0, top_p=0.95, top_k=100, seed=99, ignore_eos=True),
+        )
+    )
     assert other_seed != alone
 
 
@@ -273,6 +290,7 @@ def test_the_engine_thread_does_not_block_the_caller(own_engine):
 
     own_engine._decode = recording_decode
     try:
+
         async def main():
             start = time.monotonic()
             stream = own_engine.generate([1, 5], greedy(30))
@@ -290,7 +308,7 @@ def test_the_engine_thread_does_not_block_the_caller(own_engine):
 def test_static_decode_steps_equal_dynamic_ones(own_model_dir, own_tokenizer_dir):
     """The CUDA-graph path's logic (bucketed batch and context, dummy rows for free slots),
     run eagerly: the tokens must be those of the plain path."""
-    from openelm_server.cuda_graphs import StaticDecoder
+    from openelm_server.engine.cuda_graphs import StaticDecoder
 
     engine = make_engine(own_model_dir, own_tokenizer_dir, max_batch_size=6)
     try:
@@ -308,14 +326,19 @@ def test_static_decode_steps_equal_dynamic_ones(own_model_dir, own_tokenizer_dir
         engine.shutdown()
 
 
-def test_gpu_cache_is_released_when_the_engine_goes_idle_not_between_overlapping_requests(own_model_dir,
-                                                                                           own_tokenizer_dir):
-    engine = Engine(load_openelm(own_model_dir, show_progress=False), load_tokenizer(own_tokenizer_dir),
-                    EngineConfig(max_model_len=256, max_batch_size=4))
+def test_gpu_cache_is_released_when_the_engine_goes_idle_not_between_overlapping_requests(
+    own_model_dir, own_tokenizer_dir
+):
+    engine = Engine(
+        load_openelm(own_model_dir, show_progress=False),
+        load_tokenizer(own_tokenizer_dir),
+        EngineConfig(max_model_len=256, max_batch_size=4),
+    )
     releases = []
     engine._release_cached_memory = lambda: releases.append(engine.stats().running)
     engine.start()
     try:
+
         async def overlapping():
             return await asyncio.gather(run(engine, [1, 5], greedy(30)), run(engine, [1, 6], greedy(5), delay=0.02))
 

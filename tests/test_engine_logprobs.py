@@ -8,10 +8,10 @@ import asyncio
 import pytest
 import torch
 
-from openelm_server.detokenize import StopStringMatcher
-from openelm_server.engine import Engine, EngineConfig
-from openelm_server.openelm import ForwardBatch, load_openelm
-from openelm_server.sampling import SamplingParams
+from openelm_server.engine.async_engine import Engine, EngineConfig
+from openelm_server.engine.output import StopStringMatcher
+from openelm_server.engine.sampling import SamplingParams
+from openelm_server.model.openelm import ForwardBatch, load_openelm
 from openelm_server.tokenizer import load_tokenizer
 
 PROMPTS = [[1, 5, 9, 30, 31], [1, 70, 71], [1, 100, 101, 102, 103, 104, 105]]
@@ -19,8 +19,11 @@ PROMPTS = [[1, 5, 9, 30, 31], [1, 70, 71], [1, 100, 101, 102, 103, 104, 105]]
 
 @pytest.fixture(scope="module")
 def engine(own_model_dir, own_tokenizer_dir):
-    engine = Engine(load_openelm(own_model_dir, show_progress=False), load_tokenizer(own_tokenizer_dir),
-                    EngineConfig(max_batch_size=4, max_model_len=256))
+    engine = Engine(
+        load_openelm(own_model_dir, show_progress=False),
+        load_tokenizer(own_tokenizer_dir),
+        EngineConfig(max_batch_size=4, max_model_len=256),
+    )
     engine.start()
     yield engine
     engine.shutdown()

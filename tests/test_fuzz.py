@@ -19,12 +19,22 @@ from hypothesis import HealthCheck, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
-from openelm_server.http_errors import OPENAI_SHAPED_PATHS
+from openelm_server.serving.errors import OPENAI_SHAPED_PATHS
 
 BODY_LIMIT = 200_000
 MAX_TOKENS_LIMIT = 16
-FLAGS = ("--max-batch-size", "8", "--max-model-len", "128", "--max-tokens-limit", str(MAX_TOKENS_LIMIT),
-         "--max-body-bytes", str(BODY_LIMIT), "--max-queue", "256")
+FLAGS = (
+    "--max-batch-size",
+    "8",
+    "--max-model-len",
+    "128",
+    "--max-tokens-limit",
+    str(MAX_TOKENS_LIMIT),
+    "--max-body-bytes",
+    str(BODY_LIMIT),
+    "--max-queue",
+    "256",
+)
 ROUTES = ("/", "/v1/completions", "/v1/chat/completions")
 
 
@@ -71,6 +81,7 @@ def test_generated_requests_never_get_a_server_error(case, fuzz_server):
 
 
 # ---- hand-made hostile bodies ----------------------------------------------------------------
+
 
 def valid(path: str, **extra) -> dict:
     if path == "/":
@@ -169,22 +180,24 @@ def cases_for(path: str) -> list[tuple[str, bytes, set[int]]]:
         # Duplicated keys: the last one wins, as in Python's json.
         ("duplicated keys", raw(valid(path))[:-1] + f', "{tokens}": 2}}'.encode(), OK),
         # Non-finite numbers (Python's json accepts these literals).
-        *[(f"{literal} {field}", with_literal(path, field, literal), BAD)
-          for field in ("temperature", "top_p", "repetition_penalty", tokens, "seed", "top_k")
-          for literal in ("NaN", "Infinity", "-Infinity", "1e999")],
+        *[
+            (f"{literal} {field}", with_literal(path, field, literal), BAD)
+            for field in ("temperature", "top_p", "repetition_penalty", tokens, "seed", "top_k")
+            for literal in ("NaN", "Infinity", "-Infinity", "1e999")
+        ],
         # Huge and negative integers.
-        (f"huge {tokens}", with_literal(path, tokens, str(10 ** 30)), BAD),
+        (f"huge {tokens}", with_literal(path, tokens, str(10**30)), BAD),
         (f"4400-digit {tokens}", with_literal(path, tokens, "9" * 4400), BAD),
         (f"zero {tokens}", with_literal(path, tokens, "0"), BAD),
         (f"negative {tokens}", with_literal(path, tokens, "-1"), BAD),
         (f"{tokens} over the limit", with_literal(path, tokens, str(MAX_TOKENS_LIMIT + 1)), BAD),
         (f"float {tokens}", with_literal(path, tokens, "4.0"), BAD),
-        ("seed 2**64", with_literal(path, "seed", str(2 ** 64)), BAD),
-        ("seed 2**64-1", with_literal(path, "seed", str(2 ** 64 - 1)), OK),
-        ("seed -2**63", with_literal(path, "seed", str(-2 ** 63)), OK),
-        ("seed -2**63-1", with_literal(path, "seed", str(-2 ** 63 - 1)), BAD),
+        ("seed 2**64", with_literal(path, "seed", str(2**64)), BAD),
+        ("seed 2**64-1", with_literal(path, "seed", str(2**64 - 1)), OK),
+        ("seed -2**63", with_literal(path, "seed", str(-(2**63))), OK),
+        ("seed -2**63-1", with_literal(path, "seed", str(-(2**63) - 1)), BAD),
         ("seed -1", with_literal(path, "seed", "-1"), OK),
-        ("huge top_k", with_literal(path, "top_k", str(10 ** 30)), {200, 400}),
+        ("huge top_k", with_literal(path, "top_k", str(10**30)), {200, 400}),
         ("negative top_k", with_literal(path, "top_k", "-1"), BAD),
         ("negative temperature", with_literal(path, "temperature", "-0.5"), BAD),
         ("negative zero temperature", with_literal(path, "temperature", "-0.0"), OK),
@@ -195,17 +208,20 @@ def cases_for(path: str) -> list[tuple[str, bytes, set[int]]]:
         ("repetition_penalty zero", with_literal(path, "repetition_penalty", "0"), BAD),
         ("repetition_penalty 10", with_literal(path, "repetition_penalty", "10"), OK),
         # Wrong types.
-        *[(f"{field}={literal}", with_literal(path, field, literal), BAD)
-          for field, literals in {
-              tokens: ('"4"', "true", "[]", "{}", '"abc"'),
-              "temperature": ('"0.5"', "true", "[]", "{}"),
-              "top_p": ('"0.5"', "false", "[0.5]"),
-              "top_k": ('"5"', "5.5", "true"),
-              "repetition_penalty": ('"1.2"', "true", "{}"),
-              "seed": ('"1"', "1.5", "true", "[1]"),
-              "stop": ("5", "[5]", "{}", "true", '[""]', '""', json.dumps(["x"] * 17), json.dumps("x" * 257)),
-              "stream": ('"true"', "1", "0", "[]", *(["null"] if path == "/" else [])),
-          }.items() for literal in literals],
+        *[
+            (f"{field}={literal}", with_literal(path, field, literal), BAD)
+            for field, literals in {
+                tokens: ('"4"', "true", "[]", "{}", '"abc"'),
+                "temperature": ('"0.5"', "true", "[]", "{}"),
+                "top_p": ('"0.5"', "false", "[0.5]"),
+                "top_k": ('"5"', "5.5", "true"),
+                "repetition_penalty": ('"1.2"', "true", "{}"),
+                "seed": ('"1"', "1.5", "true", "[1]"),
+                "stop": ("5", "[5]", "{}", "true", '[""]', '""', json.dumps(["x"] * 17), json.dumps("x" * 257)),
+                "stream": ('"true"', "1", "0", "[]", *(["null"] if path == "/" else [])),
+            }.items()
+            for literal in literals
+        ],
         # Sizes: just under and just over the body limit.
         ("body at the limit, huge prompt", sized(path, BODY_LIMIT, "prompt"), BAD),
         ("body at the limit, huge ignored field", sized(path, BODY_LIMIT, "user"), OK),
@@ -222,11 +238,11 @@ def cases_for(path: str) -> list[tuple[str, bytes, set[int]]]:
             ("do_sample wrong type", with_literal(path, "do_sample", '"yes"'), BAD),
             # max_new_tokens wins over max_length (transformers' rule), so these leave it out.
             ("max_length zero", b'{"prompt": "Hello", "max_length": 0}', BAD),
-            ("max_length huge", b'{"prompt": "Hello", "max_length": %d}' % 10 ** 30, BAD),
+            ("max_length huge", b'{"prompt": "Hello", "max_length": %d}' % 10**30, BAD),
             ("max_length wrong type", b'{"prompt": "Hello", "max_length": "10"}', BAD),
             ("max_length NaN", b'{"prompt": "Hello", "max_length": NaN}', BAD),
             ("max_length within limits", b'{"prompt": "Hello", "max_length": 6}', OK),
-            ("max_length ignored when max_new_tokens is given", with_literal(path, "max_length", str(10 ** 30)), OK),
+            ("max_length ignored when max_new_tokens is given", with_literal(path, "max_length", str(10**30)), OK),
             ("prompt list", raw({"prompt": ["a", "b"], "max_new_tokens": 4}), BAD),
             ("prompt object", raw({"prompt": {"text": "a"}, "max_new_tokens": 4}), BAD),
             ("prompt number", raw({"prompt": 5, "max_new_tokens": 4}), BAD),
@@ -240,15 +256,18 @@ def cases_for(path: str) -> list[tuple[str, bytes, set[int]]]:
             ("n 2", raw(valid(path, n=2)), OK),
             ("n 17", raw(valid(path, n=17)), BAD),
             ("n null", raw(valid(path, n=None)), OK),
-            ("n huge", with_literal(path, "n", str(10 ** 30)), BAD),
+            ("n huge", with_literal(path, "n", str(10**30)), BAD),
             ("logprobs true", raw(valid(path, logprobs=True)), OK if path == "/v1/chat/completions" else BAD),
             ("logprobs 21", raw(valid(path, logprobs=21)), BAD),
             ("presence_penalty 3", raw(valid(path, presence_penalty=3)), BAD),
             ("frequency_penalty -3", raw(valid(path, frequency_penalty=-3)), BAD),
             ("presence_penalty NaN", with_literal(path, "presence_penalty", "NaN"), BAD),
             ("stream_options wrong type", raw(valid(path, stream=True, stream_options="yes")), BAD),
-            ("stream_options.include_usage wrong", raw(valid(path, stream=True, stream_options={"include_usage": 1})),
-             BAD),
+            (
+                "stream_options.include_usage wrong",
+                raw(valid(path, stream=True, stream_options={"include_usage": 1})),
+                BAD,
+            ),
             ("user wrong type", raw(valid(path, user=["x"])), BAD),
             ("user control chars", raw(valid(path, user="\u0000\u0001")), OK),
         ]
@@ -259,7 +278,7 @@ def cases_for(path: str) -> list[tuple[str, bytes, set[int]]]:
             ("prompt list of 65", raw(valid(path, prompt=["a"] * 65)), BAD),
             ("prompt token ids", raw(valid(path, prompt=[1, 2, 3])), OK),
             ("prompt lists of token ids", raw(valid(path, prompt=[[1, 2], [3]])), OK),
-            ("prompt token id beyond the vocabulary", raw(valid(path, prompt=[1, 10 ** 9])), BAD),
+            ("prompt token id beyond the vocabulary", raw(valid(path, prompt=[1, 10**9])), BAD),
             ("prompt negative token id", raw(valid(path, prompt=[1, -1])), BAD),
             ("prompt empty token ids", raw(valid(path, prompt=[[]])), BAD),
             ("prompt mixed text and ids", raw(valid(path, prompt=["a", [1]])), BAD),
@@ -280,18 +299,47 @@ def cases_for(path: str) -> list[tuple[str, bytes, set[int]]]:
             ("message bad role", raw(valid(path, messages=[{"role": "root", "content": "Hi"}])), BAD),
             ("message null content", raw(valid(path, messages=[{"role": "user", "content": None}])), BAD),
             ("message content number", raw(valid(path, messages=[{"role": "user", "content": 5}])), BAD),
-            ("content part image", raw(valid(path, messages=[{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": "http://x"}}]}])), BAD),
-            ("content part without text", raw(valid(path, messages=[{"role": "user", "content": [{"type": "text"}]}])),
-             BAD),
-            ("content parts", raw(valid(path, messages=[{"role": "user", "content": [
-                {"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}]}])), OK),
+            (
+                "content part image",
+                raw(
+                    valid(
+                        path,
+                        messages=[
+                            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}
+                        ],
+                    )
+                ),
+                BAD,
+            ),
+            (
+                "content part without text",
+                raw(valid(path, messages=[{"role": "user", "content": [{"type": "text"}]}])),
+                BAD,
+            ),
+            (
+                "content parts",
+                raw(
+                    valid(
+                        path,
+                        messages=[
+                            {
+                                "role": "user",
+                                "content": [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}],
+                            }
+                        ],
+                    )
+                ),
+                OK,
+            ),
             ("empty content", raw(valid(path, messages=[{"role": "user", "content": ""}])), OK),
             ("only system", raw(valid(path, messages=[{"role": "system", "content": "Be brief"}])), {200, 400}),
             ("only assistant", raw(valid(path, messages=[{"role": "assistant", "content": "Hi"}])), {200, 400}),
             ("1025 messages", raw(valid(path, messages=[{"role": "user", "content": "a"}] * 1025)), BAD),
-            ("special tokens in template", raw(valid(path, messages=[{"role": "user", "content":
-                                                                     "<|user|>\n</s><|assistant|>{{ x }}{% if %}"}])), OK),
+            (
+                "special tokens in template",
+                raw(valid(path, messages=[{"role": "user", "content": "<|user|>\n</s><|assistant|>{{ x }}{% if %}"}])),
+                OK,
+            ),
             ("max_completion_tokens over", raw(valid(path, max_completion_tokens=MAX_TOKENS_LIMIT + 1)), BAD),
             ("max_completion_tokens NaN", with_literal(path, "max_completion_tokens", "NaN"), BAD),
         ]
@@ -322,8 +370,9 @@ def all_cases():
 
 @pytest.mark.parametrize("path,body,allowed", all_cases())
 def test_hostile_body(fuzz_server, path, body, allowed):
-    response = requests.post(fuzz_server.url + path, data=body, headers={"Content-Type": "application/json"},
-                             timeout=60)
+    response = requests.post(
+        fuzz_server.url + path, data=body, headers={"Content-Type": "application/json"}, timeout=60
+    )
     assert response.status_code < 500, f"{response.status_code}: {response.text[:300]}"
     assert response.status_code in allowed, f"{response.status_code}: {response.text[:300]}"
     if response.status_code >= 400:
@@ -339,16 +388,28 @@ def test_extreme_sampling_values_do_not_break_a_stream(fuzz_server, name, extra)
     response = requests.post(fuzz_server.url + "/v1/chat/completions", json=body, timeout=60)
     assert response.status_code in (200, 400)
     if response.status_code == 200:
-        events = [json.loads(line[6:]) for line in response.text.splitlines()
-                  if line.startswith("data: ") and line != "data: [DONE]"]
+        events = [
+            json.loads(line[6:])
+            for line in response.text.splitlines()
+            if line.startswith("data: ") and line != "data: [DONE]"
+        ]
         errors = [e["error"] for e in events if "error" in e]
         assert not errors, errors
         assert response.text.rstrip().endswith("data: [DONE]")
 
 
-@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded",
-                                          "multipart/form-data; boundary=x", "application/json; charset=utf-8",
-                                          "application/xml", "application/json; charset=latin-1"])
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        None,
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        "application/json; charset=utf-8",
+        "application/xml",
+        "application/json; charset=latin-1",
+    ],
+)
 @pytest.mark.parametrize("path", ROUTES)
 def test_any_content_type_is_read_as_json(fuzz_server, path, content_type):
     headers = {"Content-Type": content_type} if content_type else {}
@@ -357,8 +418,9 @@ def test_any_content_type_is_read_as_json(fuzz_server, path, content_type):
 
 
 # GET / is the web page (or the server's JSON description), not a wrong method.
-WRONG_METHODS = [(path, method) for path in ROUTES for method in ("GET", "PUT", "DELETE", "PATCH")
-                 if (method, path) != ("GET", "/")]
+WRONG_METHODS = [
+    (path, method) for path in ROUTES for method in ("GET", "PUT", "DELETE", "PATCH") if (method, path) != ("GET", "/")
+]
 
 
 @pytest.mark.parametrize("path, method", WRONG_METHODS)
@@ -368,8 +430,18 @@ def test_wrong_methods_are_405_in_the_route_shape(fuzz_server, path, method):
     assert_error_shape(path, response)
 
 
-@pytest.mark.parametrize("path", ["/../../etc/passwd", "/v1/../v1/models/..%2f..%2f", "/%00", "/v1/%ff",
-                                  "/" + "a" * 8000, "/v1/models?x=" + "%" * 100, "/health?\u202e=1"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/../../etc/passwd",
+        "/v1/../v1/models/..%2f..%2f",
+        "/%00",
+        "/v1/%ff",
+        "/" + "a" * 8000,
+        "/v1/models?x=" + "%" * 100,
+        "/health?\u202e=1",
+    ],
+)
 def test_odd_paths_never_get_a_server_error(fuzz_server, path):
     response = requests.get(fuzz_server.url + path, timeout=30)
     assert response.status_code < 500

@@ -46,7 +46,7 @@ OOM_SITECUSTOMIZE = textwrap.dedent("""
     import os
     if os.environ.get("OPENELM_TEST_OOM_SEED"):
         import torch
-        from openelm_server import engine as _engine
+        from openelm_server.engine import async_engine as _engine
 
         _magic = int(os.environ["OPENELM_TEST_OOM_SEED"])
         _original_prefill = _engine.Engine._prefill
@@ -61,6 +61,7 @@ OOM_SITECUSTOMIZE = textwrap.dedent("""
 
 
 # ---- helpers ----------------------------------------------------------------------------------
+
 
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
@@ -148,7 +149,7 @@ def sse_events(text: str) -> list:
     events = []
     for line in text.splitlines():
         if line.startswith("data: "):
-            data = line[len("data: "):]
+            data = line[len("data: ") :]
             events.append(data if data == "[DONE]" else json.loads(data))
     return events
 
@@ -182,6 +183,7 @@ def long_stream(client: httpx.Client, url: str, kind: str, n: int, headers: dict
 
 # ---- the servers -----------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def fleet(start_server, serving_dirs, tmp_path_factory):
     """Every specially-flagged server of this module, started in parallel."""
@@ -189,29 +191,67 @@ def fleet(start_server, serving_dirs, tmp_path_factory):
     site_dir = tmp_path_factory.mktemp("oom-site")
     (site_dir / "sitecustomize.py").write_text(OOM_SITECUSTOMIZE)
     no_key = {"API_KEY": ""}
-    oom_env = {**no_key, "OPENELM_TEST_OOM_SEED": str(OOM_SEED),
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(site_dir), str(ROOT), os.environ.get("PYTHONPATH")]))}
+    oom_env = {
+        **no_key,
+        "OPENELM_TEST_OOM_SEED": str(OOM_SEED),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(site_dir), str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
     specs = {
         # API key by flag, on all interfaces (no warning expected), CORS for one origin.
-        "key": (["--api-key", API_KEY, "--host", "0.0.0.0", "--cors-origins", ALLOWED_ORIGIN,
-                 "--max-batch-size", "2", "--max-model-len", "256"], no_key),
+        "key": (
+            [
+                "--api-key",
+                API_KEY,
+                "--host",
+                "0.0.0.0",
+                "--cors-origins",
+                ALLOWED_ORIGIN,
+                "--max-batch-size",
+                "2",
+                "--max-model-len",
+                "256",
+            ],
+            no_key,
+        ),
         # API key from the environment only.
         "envkey": (["--max-batch-size", "1", "--max-model-len", "128"], {"API_KEY": ENV_KEY}),
         # All interfaces without a key (warning expected), small limits, prompts shortened in logs.
-        "open": (["--host", "0.0.0.0", "--no-log-prompts", "--max-body-bytes", "4096", "--max-prompt-tokens", "200",
-                  "--max-tokens-limit", "100", "--max-batch-size", "2", "--max-model-len", "512"], no_key),
+        "open": (
+            [
+                "--host",
+                "0.0.0.0",
+                "--no-log-prompts",
+                "--max-body-bytes",
+                "4096",
+                "--max-prompt-tokens",
+                "200",
+                "--max-tokens-limit",
+                "100",
+                "--max-batch-size",
+                "2",
+                "--max-model-len",
+                "512",
+            ],
+            no_key,
+        ),
         "queue": (["--max-batch-size", "1", "--max-queue", "1", "--max-model-len", "2048"], no_key),
         # One-second request timeout; prefill steps of requests seeded OOM_SEED run out of memory.
         "failing": (["--request-timeout", "1", "--max-batch-size", "4", "--max-model-len", "2048"], oom_env),
         # Long generations (1500 tokens take > 4 s on a CPU): cancellation.
         "long": (["--max-batch-size", "8", "--max-queue", "64", "--max-model-len", "2048"], no_key),
-        "sigterm": (["--shutdown-timeout", str(SHUTDOWN_TIMEOUT), "--max-batch-size", "2", "--max-model-len", "1024"],
-                    no_key),
-        "sigint": (["--shutdown-timeout", str(SHUTDOWN_TIMEOUT), "--max-batch-size", "2", "--max-model-len", "1024"],
-                   no_key),
+        "sigterm": (
+            ["--shutdown-timeout", str(SHUTDOWN_TIMEOUT), "--max-batch-size", "2", "--max-model-len", "1024"],
+            no_key,
+        ),
+        "sigint": (
+            ["--shutdown-timeout", str(SHUTDOWN_TIMEOUT), "--max-batch-size", "2", "--max-model-len", "1024"],
+            no_key,
+        ),
     }
-    servers = {name: start_server(model_dir, tokenizer_dir, *flags, env=env, wait=False)
-               for name, (flags, env) in specs.items()}
+    servers = {
+        name: start_server(model_dir, tokenizer_dir, *flags, env=env, wait=False)
+        for name, (flags, env) in specs.items()
+    }
     for server in servers.values():
         server.wait_ready(timeout=180)
     return servers
@@ -235,8 +275,15 @@ GUARDED = [
 @pytest.mark.parametrize("method,path,body", GUARDED, ids=[f"{m} {p}" for m, p, _ in GUARDED])
 def test_api_key_guards_every_route_but_health(fleet, method, path, body):
     url = fleet["key"].url + path
-    for headers in ({}, bearer(WRONG_KEY), {"Authorization": API_KEY}, {"Authorization": f"Basic {API_KEY}"},
-                    bearer(API_KEY[:-1]), bearer(API_KEY + "x"), bearer("")):
+    for headers in (
+        {},
+        bearer(WRONG_KEY),
+        {"Authorization": API_KEY},
+        {"Authorization": f"Basic {API_KEY}"},
+        bearer(API_KEY[:-1]),
+        bearer(API_KEY + "x"),
+        bearer(""),
+    ):
         response = requests.request(method, url, json=body, headers=headers, timeout=30)
         assert_error(path, response, 401)
         assert response.headers.get("x-request-id")
@@ -284,6 +331,7 @@ def test_warning_when_listening_on_all_interfaces_without_a_key(fleet):
 
 # ---- /metrics --------------------------------------------------------------------------------
 
+
 def test_metrics_are_prometheus_text_and_count_what_happened(server):
     response = requests.get(server.url + "/metrics", timeout=10)
     assert response.headers["content-type"].startswith("text/plain")
@@ -291,8 +339,11 @@ def test_metrics_are_prometheus_text_and_count_what_happened(server):
     assert families["openelm_http_requests"].type == "counter"
     for name in ("openelm_requests_waiting", "openelm_requests_running", "openelm_kv_cache_usage_ratio"):
         assert families[name].type == "gauge", name
-    for name in ("openelm_time_to_first_token_seconds", "openelm_time_per_output_token_seconds",
-                 "openelm_e2e_request_latency_seconds"):
+    for name in (
+        "openelm_time_to_first_token_seconds",
+        "openelm_time_per_output_token_seconds",
+        "openelm_e2e_request_latency_seconds",
+    ):
         assert families[name].type == "histogram", name
     assert families["openelm_prompt_tokens"].type == "counter"
     assert families["openelm_generation_tokens"].type == "counter"
@@ -318,8 +369,11 @@ def test_metrics_are_prometheus_text_and_count_what_happened(server):
     assert not any(labels and dict(labels).get("route", "").startswith("/no-such-route") for _, labels in after)
     assert delta("openelm_prompt_tokens_total") >= usage["prompt_tokens"] + 2
     assert delta("openelm_generation_tokens_total") >= 8 + usage["completion_tokens"] + 5
-    for name in ("openelm_time_to_first_token_seconds", "openelm_time_per_output_token_seconds",
-                 "openelm_e2e_request_latency_seconds"):
+    for name in (
+        "openelm_time_to_first_token_seconds",
+        "openelm_time_per_output_token_seconds",
+        "openelm_e2e_request_latency_seconds",
+    ):
         assert delta(name + "_count") >= 3, name
         assert delta(name + "_sum") > 0, name
     assert value(after, "openelm_requests_running") == 0
@@ -328,6 +382,7 @@ def test_metrics_are_prometheus_text_and_count_what_happened(server):
 
 
 # ---- limits ----------------------------------------------------------------------------------
+
 
 def padded_body(path: str, size: int) -> bytes:
     """A valid request body of exactly ``size`` bytes (an ignored 'user' field pads it)."""
@@ -342,7 +397,9 @@ def padded_body(path: str, size: int) -> bytes:
 @pytest.mark.parametrize("path", list(BODIES))
 def test_body_over_the_limit_is_413_with_content_length(fleet, path):
     url = fleet["open"].url + path
-    at_limit = requests.post(url, data=padded_body(path, 4096), headers={"Content-Type": "application/json"}, timeout=30)
+    at_limit = requests.post(
+        url, data=padded_body(path, 4096), headers={"Content-Type": "application/json"}, timeout=30
+    )
     assert at_limit.status_code == 200, at_limit.text
     over = requests.post(url, data=padded_body(path, 4097), headers={"Content-Type": "application/json"}, timeout=30)
     assert_error(path, over, 413)
@@ -357,7 +414,7 @@ def test_body_over_the_limit_is_413_when_chunked(fleet, path):
 
     def chunks(raw: bytes, size: int = 1000):
         for start in range(0, len(raw), size):
-            yield raw[start:start + size]
+            yield raw[start : start + size]
 
     with httpx.Client(timeout=30) as client:
         under = client.post(url, content=chunks(padded_body(path, 4000)), headers={"Content-Type": "application/json"})
@@ -375,12 +432,24 @@ def test_prompt_over_max_prompt_tokens_is_400(fleet):
     url = fleet["open"].url
     long_prompt = "hello " * 300  # ~300 tokens, under the 4096-byte body limit
     short_prompt = "hello " * 30  # under 200 tokens with any tokenizer, the tests' own included
-    assert_openai_error(requests.post(url + "/v1/completions", json=completion(long_prompt), timeout=30), 400,
-                        code="context_length_exceeded", param="prompt")
-    assert_openai_error(requests.post(url + "/v1/completions", json=completion(["hi", long_prompt]), timeout=30), 400,
-                        code="context_length_exceeded", param="prompt.1")
-    assert_openai_error(requests.post(url + "/v1/chat/completions", json=chat(long_prompt), timeout=30), 400,
-                        code="context_length_exceeded", param="messages")
+    assert_openai_error(
+        requests.post(url + "/v1/completions", json=completion(long_prompt), timeout=30),
+        400,
+        code="context_length_exceeded",
+        param="prompt",
+    )
+    assert_openai_error(
+        requests.post(url + "/v1/completions", json=completion(["hi", long_prompt]), timeout=30),
+        400,
+        code="context_length_exceeded",
+        param="prompt.1",
+    )
+    assert_openai_error(
+        requests.post(url + "/v1/chat/completions", json=chat(long_prompt), timeout=30),
+        400,
+        code="context_length_exceeded",
+        param="messages",
+    )
     assert_tutorial_error(requests.post(url + "/", json=tutorial(long_prompt), timeout=30), 400)
     assert requests.post(url + "/v1/completions", json=completion(short_prompt, 2), timeout=30).status_code == 200
     assert requests.post(url + "/", json=tutorial(short_prompt, 2), timeout=30).status_code == 200
@@ -388,13 +457,16 @@ def test_prompt_over_max_prompt_tokens_is_400(fleet):
 
 def test_max_tokens_over_the_limit_is_400(fleet):
     url = fleet["open"].url
-    assert_openai_error(requests.post(url + "/v1/completions", json=completion(n=101), timeout=30), 400,
-                        param="max_tokens")
-    assert_openai_error(requests.post(url + "/v1/chat/completions", json=chat(n=101), timeout=30), 400,
-                        param="max_tokens")
+    assert_openai_error(
+        requests.post(url + "/v1/completions", json=completion(n=101), timeout=30), 400, param="max_tokens"
+    )
+    assert_openai_error(
+        requests.post(url + "/v1/chat/completions", json=chat(n=101), timeout=30), 400, param="max_tokens"
+    )
     body = {"messages": [{"role": "user", "content": "Hi"}], "max_completion_tokens": 101}
-    assert_openai_error(requests.post(url + "/v1/chat/completions", json=body, timeout=30), 400,
-                        param="max_completion_tokens")
+    assert_openai_error(
+        requests.post(url + "/v1/chat/completions", json=body, timeout=30), 400, param="max_completion_tokens"
+    )
     assert_tutorial_error(requests.post(url + "/", json=tutorial(n=101), timeout=30), 400)
     assert_tutorial_error(requests.post(url + "/", json={"prompt": "Hi", "max_length": 300}, timeout=30), 400)
     ok = requests.post(url + "/v1/completions", json=completion(n=100), timeout=60)
@@ -431,8 +503,9 @@ def test_request_timeout_is_503(fleet):
     start = time.monotonic()
     assert_tutorial_error(requests.post(url + "/", json=tutorial(n=1500), timeout=60), 503)
     assert time.monotonic() - start < 5
-    assert_openai_error(requests.post(url + "/v1/completions", json=completion(n=1500), timeout=60), 503,
-                        code="timeout")
+    assert_openai_error(
+        requests.post(url + "/v1/completions", json=completion(n=1500), timeout=60), 503, code="timeout"
+    )
     with requests.post(url + "/v1/chat/completions", json=chat(n=1500, stream=True), stream=True, timeout=60) as r:
         assert r.status_code == 200  # the answer had started; the stream ends with an error event
         events = sse_events(r.text)
@@ -443,6 +516,7 @@ def test_request_timeout_is_503(fleet):
 
 
 # ---- request ids and logs --------------------------------------------------------------------
+
 
 def test_every_response_has_a_request_id(server):
     responses = [
@@ -468,28 +542,33 @@ def log_lines_with(server, request_id: str) -> list[str]:
 
 def test_client_request_id_is_echoed_and_logged(server):
     rid = f"client-{uuid.uuid4().hex}:1.a_b"
-    response = requests.post(server.url + "/", json=tutorial("Request id test", 3), headers={"X-Request-ID": rid},
-                             timeout=30)
+    response = requests.post(
+        server.url + "/", json=tutorial("Request id test", 3), headers={"X-Request-ID": rid}, timeout=30
+    )
     assert response.status_code == 200 and response.headers["x-request-id"] == rid
     lines = wait_for(lambda: [line for line in log_lines_with(server, rid) if "openelm_server.access" in line], 5)
     assert lines and '"POST /" 200' in lines[0]
     assert any("openelm_server.tutorial" in line and "Request id test" in line for line in log_lines_with(server, rid))
 
     rid = "x" * 128  # the longest accepted
-    response = requests.post(server.url + "/v1/chat/completions", json=chat(n=2, stream=True),
-                             headers={"X-Request-ID": rid}, timeout=30)
+    response = requests.post(
+        server.url + "/v1/chat/completions", json=chat(n=2, stream=True), headers={"X-Request-ID": rid}, timeout=30
+    )
     assert response.headers["x-request-id"] == rid
     assert wait_for(lambda: log_lines_with(server, rid), 5)
 
     rid = f"stream-{uuid.uuid4().hex}"
-    response = requests.post(server.url + "/", json=tutorial("Streamed id test", 3, stream=True),
-                             headers={"X-Request-ID": rid}, timeout=30)
+    response = requests.post(
+        server.url + "/", json=tutorial("Streamed id test", 3, stream=True), headers={"X-Request-ID": rid}, timeout=30
+    )
     assert response.headers["x-request-id"] == rid
     assert wait_for(lambda: any("openelm_server.tutorial" in line for line in log_lines_with(server, rid)), 5)
 
 
-@pytest.mark.parametrize("given", ["a" * 129, "has space", "semi;colon", "<script>", "quote\"d", "caf\u00e9", "",
-                                   "../../etc/passwd", "a,b", "{json}"])
+@pytest.mark.parametrize(
+    "given",
+    ["a" * 129, "has space", "semi;colon", "<script>", 'quote"d', "caf\u00e9", "", "../../etc/passwd", "a,b", "{json}"],
+)
 def test_invalid_request_ids_are_replaced(server, given):
     response = requests.get(server.url + "/health", headers={"X-Request-ID": given.encode("latin-1")}, timeout=10)
     assert response.status_code == 200
@@ -520,9 +599,17 @@ def test_no_log_prompts_shortens_long_prompts(fleet):
 
 # ---- CORS ------------------------------------------------------------------------------------
 
+
 def preflight(url: str, origin: str) -> requests.Response:
-    return requests.options(url, headers={"Origin": origin, "Access-Control-Request-Method": "POST",
-                                          "Access-Control-Request-Headers": "authorization,content-type"}, timeout=10)
+    return requests.options(
+        url,
+        headers={
+            "Origin": origin,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type",
+        },
+        timeout=10,
+    )
 
 
 def test_cors_is_off_by_default(server):
@@ -543,8 +630,9 @@ def test_cors_allows_exactly_the_configured_origin(fleet):
     assert "access-control-allow-origin" not in preflight(url + "/v1/chat/completions", OTHER_ORIGIN).headers
     assert "access-control-allow-origin" not in preflight(url + "/", "http://a.example.evil.com").headers
 
-    response = requests.post(url + "/v1/chat/completions", json=chat(n=2),
-                             headers={**bearer(API_KEY), "Origin": ALLOWED_ORIGIN}, timeout=30)
+    response = requests.post(
+        url + "/v1/chat/completions", json=chat(n=2), headers={**bearer(API_KEY), "Origin": ALLOWED_ORIGIN}, timeout=30
+    )
     assert response.status_code == 200
     assert response.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
     assert "x-request-id" in response.headers.get("access-control-expose-headers", "").lower()
@@ -556,13 +644,15 @@ def test_cors_headers_on_errors_answered_by_the_guard(fleet):
     """A browser page on an allowed origin must be able to read a 401 / 413 (else it sees an
     opaque network error instead of 'missing or invalid API key')."""
     url = fleet["key"].url
-    response = requests.post(url + "/v1/chat/completions", json=chat(n=2), headers={"Origin": ALLOWED_ORIGIN},
-                             timeout=30)
+    response = requests.post(
+        url + "/v1/chat/completions", json=chat(n=2), headers={"Origin": ALLOWED_ORIGIN}, timeout=30
+    )
     assert response.status_code == 401
     assert response.headers.get("access-control-allow-origin") == ALLOWED_ORIGIN
 
 
 # ---- cancellation ----------------------------------------------------------------------------
+
 
 def test_dropped_streams_are_cancelled(fleet):
     url = fleet["long"].url  # 8 slots; 1500 tokens each take > 4 s
@@ -578,11 +668,15 @@ def test_dropped_streams_are_cancelled(fleet):
     assert requests.get(url + "/health", timeout=10).status_code == 200
 
 
-@pytest.mark.parametrize("path,body", [
-    ("/", tutorial("Once upon a time", 1500)),
-    ("/v1/completions", completion(["Once upon a time", "In a galaxy"], 1500)),
-    ("/v1/chat/completions", chat("Tell me a long story", 1500)),
-], ids=["tutorial", "completions", "chat"])
+@pytest.mark.parametrize(
+    "path,body",
+    [
+        ("/", tutorial("Once upon a time", 1500)),
+        ("/v1/completions", completion(["Once upon a time", "In a galaxy"], 1500)),
+        ("/v1/chat/completions", chat("Tell me a long story", 1500)),
+    ],
+    ids=["tutorial", "completions", "chat"],
+)
 @pytest.mark.parametrize("attempt", [1, 2, 3])
 def test_client_timeout_cancels_a_non_streaming_request(fleet, path, body, attempt):
     """Repeated: the cancellation can be lost in a race (one attempt in four or so, see the
@@ -592,10 +686,13 @@ def test_client_timeout_cancels_a_non_streaming_request(fleet, path, body, attem
     started = time.monotonic()
     with pytest.raises(requests.exceptions.ReadTimeout):
         requests.post(url + path, json=body, timeout=(5, 0.5))
-    assert wait_idle(url, 3), f"still generating {time.monotonic() - started:.1f} s after the client left: {gauges(url)}"
+    assert wait_idle(url, 3), (
+        f"still generating {time.monotonic() - started:.1f} s after the client left: {gauges(url)}"
+    )
 
 
 # ---- graceful shutdown -----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name,sig", [("sigterm", signal.SIGTERM), ("sigint", signal.SIGINT)])
 def test_graceful_shutdown(fleet, name, sig):
@@ -636,14 +733,18 @@ def test_graceful_shutdown(fleet, name, sig):
 
 # ---- out of memory ---------------------------------------------------------------------------
 
+
 def make_engine(serving_dirs, **config):
-    from openelm_server.engine import Engine, EngineConfig
-    from openelm_server.openelm import load_openelm
+    from openelm_server.engine.async_engine import Engine, EngineConfig
+    from openelm_server.model.openelm import load_openelm
     from openelm_server.tokenizer import load_tokenizer
 
     model_dir, tokenizer_dir = serving_dirs
-    return Engine(load_openelm(model_dir, show_progress=False), load_tokenizer(tokenizer_dir),
-                  EngineConfig(**{"max_model_len": 128, "max_batch_size": 2, **config}))
+    return Engine(
+        load_openelm(model_dir, show_progress=False),
+        load_tokenizer(tokenizer_dir),
+        EngineConfig(**{"max_model_len": 128, "max_batch_size": 2, **config}),
+    )
 
 
 async def drain(stream) -> tuple[list[int], str | None, object]:
@@ -657,7 +758,7 @@ async def drain(stream) -> tuple[list[int], str | None, object]:
 
 @pytest.mark.parametrize("failing_call", [1, 2], ids=["prefill", "decode"])
 def test_out_of_memory_fails_only_that_step_and_is_retryable(serving_dirs, failing_call):
-    from openelm_server.sampling import SamplingParams
+    from openelm_server.engine.sampling import SamplingParams
 
     engine = make_engine(serving_dirs)
     forward = engine.model.forward
@@ -699,7 +800,7 @@ def test_out_of_memory_fails_only_that_step_and_is_retryable(serving_dirs, faili
 def test_bad_sampling_values_fail_only_their_own_request(serving_dirs):
     """A request's own sampling parameters (here a temperature so small it overflows the logits)
     must not take down the requests it happens to share a step with."""
-    from openelm_server.sampling import SamplingParams
+    from openelm_server.engine.sampling import SamplingParams
 
     engine = make_engine(serving_dirs, max_batch_size=4)
 
@@ -726,8 +827,9 @@ def test_out_of_memory_over_http_is_503_and_the_server_goes_on(fleet):
     response = requests.post(url + "/", json=tutorial(n=4, seed=OOM_SEED, do_sample=True), timeout=30)
     assert_tutorial_error(response, 503)
     assert response.headers.get("retry-after", "").isdigit()
-    with requests.post(url + "/v1/chat/completions", json=chat(n=4, seed=OOM_SEED, stream=True), stream=True,
-                       timeout=30) as r:
+    with requests.post(
+        url + "/v1/chat/completions", json=chat(n=4, seed=OOM_SEED, stream=True), stream=True, timeout=30
+    ) as r:
         events = sse_events(r.text)
     assert events[-1]["error"]["type"] == "overloaded_error", events
     ok = requests.post(url + "/v1/completions", json=completion(n=4, seed=7), timeout=30)

@@ -9,9 +9,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from openelm_server.engine import EngineStats
-from openelm_server.metrics import Metrics
-from openelm_server.settings import load_settings
+from openelm_server.config import load_settings
+from openelm_server.engine.async_engine import EngineStats
+from openelm_server.serving.metrics import Metrics
 
 K8S = Path(__file__).resolve().parents[1] / "deploy" / "k8s"
 # The oldest Kubernetes with preStop's sleep action on by default, and the newest the validator knows.
@@ -42,17 +42,26 @@ def test_the_validator_refuses_a_wrong_field():
 
 def test_the_pieces_fit_together():
     found = resources()
-    assert set(found) == {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget",
-                          "PersistentVolumeClaim"}
-    deployment, service, hpa, pdb = (found[kind] for kind in ("Deployment", "Service", "HorizontalPodAutoscaler",
-                                                               "PodDisruptionBudget"))
+    assert set(found) == {
+        "Deployment",
+        "Service",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "PersistentVolumeClaim",
+    }
+    deployment, service, hpa, pdb = (
+        found[kind] for kind in ("Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget")
+    )
     pod = deployment["spec"]["template"]
     labels = pod["metadata"]["labels"]
     assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
     assert service["spec"]["selector"].items() <= labels.items()
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
-                                             "name": deployment["metadata"]["name"]}
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": deployment["metadata"]["name"],
+    }
     [container] = pod["spec"]["containers"]
     assert container["command"] == ["python", "api.py"]
     settings = load_settings(container["args"], environ={})  # the flags are api.py's, and valid
@@ -65,8 +74,9 @@ def test_the_pieces_fit_together():
     assert container["resources"]["requests"]["nvidia.com/gpu"] == 1
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     claim = found["PersistentVolumeClaim"]["metadata"]["name"]
-    assert pod["spec"]["volumes"] == [{"name": "models", "persistentVolumeClaim": {"claimName": claim,
-                                                                                   "readOnly": True}}]
+    assert pod["spec"]["volumes"] == [
+        {"name": "models", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+    ]
     assert settings.model_path.startswith(container["volumeMounts"][0]["mountPath"] + "/")
 
 

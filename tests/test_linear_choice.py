@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from openelm_server import linear_choice
-from openelm_server.cpu_linear import OneDnnLinear, can_use_onednn, use_onednn_linears, use_plain_linears
-from openelm_server.linear_choice import choose_linear_kernels
-from openelm_server.openelm import ForwardBatch, OpenELM, load_openelm
-from openelm_server.settings import load_settings
+from openelm_server.config import load_settings
+from openelm_server.model import linear_choice
+from openelm_server.model.cpu_linear import OneDnnLinear, can_use_onednn, use_onednn_linears, use_plain_linears
+from openelm_server.model.linear_choice import choose_linear_kernels
+from openelm_server.model.openelm import ForwardBatch, OpenELM, load_openelm
 
 
 @torch.inference_mode()
@@ -50,7 +50,7 @@ def test_the_faster_kernels_are_kept_and_logged(model, monkeypatch, caplog, oned
     expected = last_logits(model)
     timings = iter([20.0, 10.0] if onednn_faster else [10.0, 20.0])  # PyTorch first, then oneDNN
     monkeypatch.setattr(linear_choice, "time_steps", lambda model: next(timings))
-    with caplog.at_level(logging.INFO, logger="openelm_server.linear_choice"):
+    with caplog.at_level(logging.INFO, logger="openelm_server.model.linear_choice"):
         assert choose_linear_kernels(model) is onednn_faster
     assert kernels(model) == ({OneDnnLinear} if onednn_faster else {nn.Linear})
     assert f"using {'oneDNN' if onednn_faster else 'PyTorch'}" in caplog.text
@@ -61,12 +61,15 @@ def test_the_timing_runs_on_the_real_model(model):
     assert linear_choice.time_steps(model) > 0
 
 
-@pytest.mark.parametrize("argv, environ, expected", [
-    ([], {}, None),
-    (["--onednn-linear"], {}, True),
-    (["--no-onednn-linear"], {}, False),
-    ([], {"ONEDNN_LINEAR": "0"}, False),
-    ([], {"ONEDNN_LINEAR": "1"}, True),
-])
+@pytest.mark.parametrize(
+    "argv, environ, expected",
+    [
+        ([], {}, None),
+        (["--onednn-linear"], {}, True),
+        (["--no-onednn-linear"], {}, False),
+        ([], {"ONEDNN_LINEAR": "0"}, False),
+        ([], {"ONEDNN_LINEAR": "1"}, True),
+    ],
+)
 def test_unset_means_timed_and_flags_force_one(argv, environ, expected):
     assert load_settings(argv, environ).onednn_linear is expected

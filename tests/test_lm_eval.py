@@ -15,7 +15,6 @@ import sys
 
 import pytest
 import requests
-
 from conftest import ROOT
 
 TASKS_DIR = ROOT / "tests" / "lm_eval_tasks"
@@ -27,25 +26,60 @@ MAX_LENGTH = 512
 def lm_eval_run(start_server, shared_model_dir, shared_tokenizer_dir, tmp_path_factory):
     pytest.importorskip("lm_eval", reason="lm-eval is not installed (requirements-test.txt)")
     pytest.importorskip("tenacity", reason="lm-eval's API models need lm-eval[api]")
-    server = start_server(shared_model_dir, shared_tokenizer_dir, "--max-model-len", str(MAX_LENGTH),
-                          "--max-batch-size", "8")
+    server = start_server(
+        shared_model_dir, shared_tokenizer_dir, "--max-model-len", str(MAX_LENGTH), "--max-batch-size", "8"
+    )
     output = tmp_path_factory.mktemp("lm-eval")
-    model_args = ",".join([f"base_url={server.url}/v1/completions", f"model={shared_model_dir.name}",
-                           f"tokenizer={shared_tokenizer_dir}", "tokenizer_backend=huggingface",
-                           # OpenELM was trained with BOS first; lm-eval leaves it out unless told.
-                           "add_bos_token=True", f"max_length={MAX_LENGTH}", "num_concurrent=2",
-                           "max_retries=1"])
-    offline = {"HF_HOME": str(output / "hf"), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
-               "TRANSFORMERS_OFFLINE": "1"}
+    model_args = ",".join(
+        [
+            f"base_url={server.url}/v1/completions",
+            f"model={shared_model_dir.name}",
+            f"tokenizer={shared_tokenizer_dir}",
+            "tokenizer_backend=huggingface",
+            # OpenELM was trained with BOS first; lm-eval leaves it out unless told.
+            "add_bos_token=True",
+            f"max_length={MAX_LENGTH}",
+            "num_concurrent=2",
+            "max_retries=1",
+        ]
+    )
+    offline = {
+        "HF_HOME": str(output / "hf"),
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
     # The task files name their data file relatively: run from their folder.
-    done = subprocess.run([sys.executable, "-m", "lm_eval", "run", "--model", "local-completions",
-                           "--model_args", model_args, "--tasks", ",".join(TASKS), "--include_path", ".",
-                           "--output_path", str(output), "--log_samples"],
-                          cwd=TASKS_DIR, env={**os.environ, **offline}, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lm_eval",
+            "run",
+            "--model",
+            "local-completions",
+            "--model_args",
+            model_args,
+            "--tasks",
+            ",".join(TASKS),
+            "--include_path",
+            ".",
+            "--output_path",
+            str(output),
+            "--log_samples",
+        ],
+        cwd=TASKS_DIR,
+        env={**os.environ, **offline},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     (results_file,) = output.rglob("results_*.json")
-    samples = {task: [json.loads(line) for line in next(output.rglob(f"samples_{task}_*.jsonl")).read_text().splitlines()]
-               for task in TASKS}
+    samples = {
+        task: [json.loads(line) for line in next(output.rglob(f"samples_{task}_*.jsonl")).read_text().splitlines()]
+        for task in TASKS
+    }
     return server, json.loads(results_file.read_text()), samples
 
 
@@ -58,17 +92,23 @@ def lm_eval_tokenizer(shared_tokenizer_dir):
 
 
 def server_loglikelihood(server, model: str, context_ids: list[int], continuation_ids: list[int]) -> float:
-    body = {"model": model, "prompt": context_ids + continuation_ids, "echo": True, "max_tokens": 0, "logprobs": 1,
-            "temperature": 0}
+    body = {
+        "model": model,
+        "prompt": context_ids + continuation_ids,
+        "echo": True,
+        "max_tokens": 0,
+        "logprobs": 1,
+        "temperature": 0,
+    }
     logprobs = requests.post(server.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["logprobs"]
-    return sum(logprobs["token_logprobs"][len(context_ids):])
+    return sum(logprobs["token_logprobs"][len(context_ids) :])
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """lm-eval's split: encode the whole, then cut at the context's length."""
     whole = tokenizer(context + continuation).input_ids
     context_ids = tokenizer(context).input_ids
-    return context_ids, whole[len(context_ids):]
+    return context_ids, whole[len(context_ids) :]
 
 
 def test_every_task_ran_with_its_metrics(lm_eval_run):
@@ -96,8 +136,12 @@ def test_generations_are_the_servers_greedy_answers(lm_eval_run, lm_eval_tokeniz
     server, _, samples = lm_eval_run
     for sample in samples["tiny_generate"]:
         arguments = sample["arguments"]["gen_args_0"]
-        body = {"model": shared_model_dir.name, "prompt": lm_eval_tokenizer(arguments["arg_0"]).input_ids,
-                "max_tokens": arguments["arg_1"]["max_gen_toks"], "temperature": 0,
-                "stop": arguments["arg_1"]["until"]}
+        body = {
+            "model": shared_model_dir.name,
+            "prompt": lm_eval_tokenizer(arguments["arg_0"]).input_ids,
+            "max_tokens": arguments["arg_1"]["max_gen_toks"],
+            "temperature": 0,
+            "stop": arguments["arg_1"]["until"],
+        }
         answer = requests.post(server.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
         assert sample["resps"][0][0] == answer

@@ -11,7 +11,6 @@ import math
 
 import pytest
 
-
 PROMPT = "Once upon a time there was"
 
 
@@ -27,8 +26,10 @@ def complete(app, **body) -> dict:
 
 
 def chat(app, **body) -> dict:
-    response = app.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6,
-                                                 "temperature": 0, **body})
+    response = app.post(
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "temperature": 0, **body},
+    )
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -77,8 +78,9 @@ def test_sampled_token_logprob_is_the_chosen_one(app):
 def test_logprobs_are_the_models_before_sampling_adjustments(app):
     """Temperature, penalties and top-p change what is picked, never the reported distribution."""
     plain = complete(app, logprobs=5, max_tokens=1)["choices"][0]["logprobs"]
-    adjusted = complete(app, logprobs=5, max_tokens=1, temperature=0.3, top_p=0.5, seed=1, presence_penalty=2,
-                        repetition_penalty=1.5)["choices"][0]["logprobs"]
+    adjusted = complete(
+        app, logprobs=5, max_tokens=1, temperature=0.3, top_p=0.5, seed=1, presence_penalty=2, repetition_penalty=1.5
+    )["choices"][0]["logprobs"]
     assert adjusted["top_logprobs"][0] == pytest.approx(plain["top_logprobs"][0], abs=1e-5)
 
 
@@ -106,8 +108,9 @@ def test_echo_gives_the_prompt_logprobs_first_token_null(app, tokenizer):
     assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
     assert logprobs["text_offset"][0] == 0
     assert all(v <= 0 for v in logprobs["token_logprobs"][1:])
-    assert [t.strip() for t in logprobs["tokens"][1:len(prompt_ids)]] == \
-        [tokenizer.convert_ids_to_tokens(i).replace("\u2581", " ").strip() for i in prompt_ids[1:]]
+    assert [t.strip() for t in logprobs["tokens"][1 : len(prompt_ids)]] == [
+        tokenizer.convert_ids_to_tokens(i).replace("\u2581", " ").strip() for i in prompt_ids[1:]
+    ]
     # The generated tokens' offsets continue after the echoed prompt.
     assert logprobs["text_offset"][len(prompt_ids)] == len(PROMPT)
 
@@ -123,8 +126,9 @@ def test_lm_eval_loglikelihood_request(app, tokenizer):
     assert len(logprobs["token_logprobs"]) == len(ids) + 1
     assert logprobs["token_logprobs"][0] is None
     ctxlen = 3
-    for token, logprob, top in zip(logprobs["tokens"][ctxlen:-1], logprobs["token_logprobs"][ctxlen:-1],
-                                   logprobs["top_logprobs"][ctxlen:-1]):
+    for token, logprob, top in zip(
+        logprobs["tokens"][ctxlen:-1], logprobs["token_logprobs"][ctxlen:-1], logprobs["top_logprobs"][ctxlen:-1]
+    ):
         assert top[token] == logprob and max(top.values()) >= logprob
 
 
@@ -134,12 +138,17 @@ def test_max_tokens_zero_with_echo_generates_nothing(app, tokenizer):
     choice = result["choices"][0]
     assert choice["text"] == PROMPT and choice["finish_reason"] == "length"
     assert len(choice["logprobs"]["tokens"]) == len(prompt_ids)
-    assert result["usage"] == {"prompt_tokens": len(prompt_ids), "completion_tokens": 0,
-                               "total_tokens": len(prompt_ids)}
+    assert result["usage"] == {
+        "prompt_tokens": len(prompt_ids),
+        "completion_tokens": 0,
+        "total_tokens": len(prompt_ids),
+    }
     chunks = app.stream("/v1/completions", {"prompt": PROMPT, "max_tokens": 0, "echo": True, "logprobs": 0})
     assert "".join(c["choices"][0]["text"] for c in chunks) == PROMPT
     assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"][0]["finish_reason"]] == ["length"]
-    streamed = [lp for c in chunks if c["choices"][0]["logprobs"] for lp in c["choices"][0]["logprobs"]["token_logprobs"]]
+    streamed = [
+        lp for c in chunks if c["choices"][0]["logprobs"] for lp in c["choices"][0]["logprobs"]["token_logprobs"]
+    ]
     assert streamed[0] is None
     assert streamed[1:] == pytest.approx(choice["logprobs"]["token_logprobs"][1:], abs=1e-5)
 
@@ -151,27 +160,34 @@ def test_prompt_logprobs_do_not_depend_on_the_batch(app):
     assert batch["choices"][1]["logprobs"]["token_logprobs"][1:] == pytest.approx(alone[1:], abs=1e-4)
 
 
-@pytest.mark.parametrize("body, param, text", [
-    ({"logprobs": 21}, "logprobs", ""),
-    ({"logprobs": -1}, "logprobs", ""),
-    ({"logprobs": True}, "logprobs", ""),
-    ({"max_tokens": 0}, "max_tokens", "echo"),
-    ({"max_tokens": -1, "echo": True}, "max_tokens", ""),
-])
+@pytest.mark.parametrize(
+    "body, param, text",
+    [
+        ({"logprobs": 21}, "logprobs", ""),
+        ({"logprobs": -1}, "logprobs", ""),
+        ({"logprobs": True}, "logprobs", ""),
+        ({"max_tokens": 0}, "max_tokens", "echo"),
+        ({"max_tokens": -1, "echo": True}, "max_tokens", ""),
+    ],
+)
 def test_bad_completion_logprobs_requests(app, body, param, text):
     assert_error(app.post("/v1/completions", {"prompt": PROMPT, **body}), param, text)
 
 
-@pytest.mark.parametrize("body, param, text", [
-    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", ""),
-    ({"top_logprobs": 2}, "top_logprobs", "logprobs"),
-    ({"logprobs": False, "top_logprobs": 2}, "top_logprobs", "logprobs"),
-    ({"logprobs": 2}, "logprobs", ""),
-    ({"max_tokens": 0}, "max_tokens", ""),
-])
+@pytest.mark.parametrize(
+    "body, param, text",
+    [
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", ""),
+        ({"top_logprobs": 2}, "top_logprobs", "logprobs"),
+        ({"logprobs": False, "top_logprobs": 2}, "top_logprobs", "logprobs"),
+        ({"logprobs": 2}, "logprobs", ""),
+        ({"max_tokens": 0}, "max_tokens", ""),
+    ],
+)
 def test_bad_chat_logprobs_requests(app, body, param, text):
-    assert_error(app.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], **body}),
-                 param, text)
+    assert_error(
+        app.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], **body}), param, text
+    )
 
 
 @pytest.mark.parametrize("k", [0, 3])
@@ -187,8 +203,9 @@ def test_chat_logprobs_content(app, k, tokenizer):
             assert bytes(entry["bytes"]) == entry["token"].encode()
         if k:
             assert entry["top_logprobs"][0]["logprob"] == pytest.approx(entry["logprob"], abs=1e-6)  # greedy
-            assert [t["logprob"] for t in entry["top_logprobs"]] == sorted((t["logprob"] for t in entry["top_logprobs"]),
-                                                                         reverse=True)
+            assert [t["logprob"] for t in entry["top_logprobs"]] == sorted(
+                (t["logprob"] for t in entry["top_logprobs"]), reverse=True
+            )
     # The tokens' bytes make the answer (SentencePiece's leading space aside).
     joined = b"".join(bytes(entry["bytes"]) for entry in content).decode("utf-8", errors="replace")
     assert joined.strip() == result["choices"][0]["message"]["content"].strip()
@@ -196,10 +213,23 @@ def test_chat_logprobs_content(app, k, tokenizer):
 
 def test_chat_stream_logprobs_equal_the_whole_answer(app):
     whole = chat(app, logprobs=True, top_logprobs=2, max_tokens=8)["choices"][0]["logprobs"]["content"]
-    chunks = app.stream("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8,
-                                                 "temperature": 0, "logprobs": True, "top_logprobs": 2})
-    streamed = [entry for c in chunks for choice in c["choices"] if choice["logprobs"]
-                for entry in choice["logprobs"]["content"]]
+    chunks = app.stream(
+        "/v1/chat/completions",
+        {
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 8,
+            "temperature": 0,
+            "logprobs": True,
+            "top_logprobs": 2,
+        },
+    )
+    streamed = [
+        entry
+        for c in chunks
+        for choice in c["choices"]
+        if choice["logprobs"]
+        for entry in choice["logprobs"]["content"]
+    ]
     assert [e["token"] for e in streamed] == [e["token"] for e in whole]
     assert [e["logprob"] for e in streamed] == pytest.approx([e["logprob"] for e in whole], abs=1e-5)
 
@@ -215,11 +245,17 @@ def test_byte_tokens_show_as_bytes(app):
 
 def test_logprobs_with_the_openai_sdk(app):
     async def call(client):
-        completion = await client.completions.create(model=app.model, prompt=PROMPT, max_tokens=4, temperature=0,
-                                                     logprobs=2, echo=True)
+        completion = await client.completions.create(
+            model=app.model, prompt=PROMPT, max_tokens=4, temperature=0, logprobs=2, echo=True
+        )
         chat_completion = await client.chat.completions.create(
-            model=app.model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0,
-            logprobs=True, top_logprobs=2)
+            model=app.model,
+            messages=[{"role": "user", "content": "Hi"}],
+            max_tokens=4,
+            temperature=0,
+            logprobs=True,
+            top_logprobs=2,
+        )
         return completion, chat_completion
 
     completion, chat_completion = app.sdk(call)

@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
-
 from in_process import InProcessServer
-from openelm_server.openelm import ForwardBatch, load_openelm
+
+from openelm_server.model.openelm import ForwardBatch, load_openelm
 
 TOLERANCE = 1e-3
 
@@ -77,8 +77,10 @@ def test_prompt_and_generated_logprobs_equal_a_float32_full_recompute(app, refer
         want = [float(expected[i, sequence[i + 1]]) for i in range(len(sequence) - 1)]
         assert token_logprobs[1:] == pytest.approx(want, abs=TOLERANCE)
         # Generated logprobs: the greedy continuation of the prompt, token for token.
-        generated = served(app, {"prompt": case["prompt_ids"], "max_tokens": len(case["greedy_ids"]), "logprobs": 0,
-                                 "ignore_eos": True})
+        generated = served(
+            app,
+            {"prompt": case["prompt_ids"], "max_tokens": len(case["greedy_ids"]), "logprobs": 0, "ignore_eos": True},
+        )
         got = generated["choices"][0]["logprobs"]["token_logprobs"]
         start = len(case["prompt_ids"]) - 1
         assert got == pytest.approx(want[start:], abs=TOLERANCE)

@@ -26,7 +26,7 @@ import pytest
 import requests
 from openai import AsyncOpenAI, OpenAI
 
-from openelm_server.detokenize import IncrementalDetokenizer, StopStringMatcher
+from openelm_server.engine.output import IncrementalDetokenizer, StopStringMatcher
 
 REPLACEMENT = "\ufffd"
 ENGLISH = "Once upon a time there was"
@@ -37,6 +37,7 @@ ERROR_KEYS = {"message", "type", "param", "code"}
 
 
 # ---- fixtures and helpers ---------------------------------------------------------------------
+
 
 @pytest.fixture(scope="session")
 def model_name(serving_dirs) -> str:
@@ -142,9 +143,24 @@ def assert_clean_pieces(pieces: list[str], full: str) -> None:
 def curl_sse(url: str, body: dict, tmp_path: Path) -> tuple[str, list[str]]:
     """POST with ``curl -N``; the response headers and the raw SSE events."""
     headers = tmp_path / "headers.txt"
-    done = subprocess.run(["curl", "-sS", "-N", "--max-time", "60", "-D", str(headers), "-H",
-                           "Content-Type: application/json", "-d", json.dumps(body), url],
-                          capture_output=True, timeout=90)
+    done = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "-N",
+            "--max-time",
+            "60",
+            "-D",
+            str(headers),
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            json.dumps(body),
+            url,
+        ],
+        capture_output=True,
+        timeout=90,
+    )
     assert done.returncode == 0, done.stderr
     raw = done.stdout.decode("utf-8")
     assert raw.endswith("\n\n"), repr(raw[-200:])
@@ -156,7 +172,7 @@ def parse_events(events: list[str]) -> list[dict]:
     payloads = []
     for event in events[:-1]:
         assert event.startswith("data: ") and "\n" not in event, repr(event)
-        payloads.append(json.loads(event[len("data: "):]))
+        payloads.append(json.loads(event[len("data: ") :]))
     return payloads
 
 
@@ -178,6 +194,7 @@ def wait_until_idle(server, timeout: float) -> bool:
 
 # ---- /v1/models -----------------------------------------------------------------------------
 
+
 def test_models_lists_the_served_model(client, model_name, server):
     models = client.models.list()
     assert [m.id for m in models.data] == [model_name]
@@ -190,6 +207,7 @@ def test_models_lists_the_served_model(client, model_name, server):
 
 
 # ---- /v1/completions ------------------------------------------------------------------------
+
 
 def test_completion_fields_and_usage(client, model_name, tokenizer):
     before = int(time.time())
@@ -216,8 +234,9 @@ def test_completion_default_max_tokens_is_16(client, model_name):
     assert result.choices[0].finish_reason == "length"
 
 
-def test_greedy_completions_match_the_reference(client, shared_model_dir, shared_tokenizer_dir, serving_dirs,
-                                                 llama_tokenizer):
+def test_greedy_completions_match_the_reference(
+    client, shared_model_dir, shared_tokenizer_dir, serving_dirs, llama_tokenizer
+):
     """The served greedy continuation is the reference implementation's, token for token
     (checked on text, decoded in one go, so the detokenizer is checked too)."""
     if serving_dirs[0] != shared_model_dir:
@@ -230,15 +249,16 @@ def test_greedy_completions_match_the_reference(client, shared_model_dir, shared
         whole = llama_tokenizer.decode(prompt_ids + greedy_ids, skip_special_tokens=True)
         assert whole.startswith(prompt)
         result = complete(client, shared_model_dir.name, prompt, max_tokens=len(greedy_ids))
-        assert result.choices[0].text == whole[len(prompt):], prompt
+        assert result.choices[0].text == whole[len(prompt) :], prompt
         assert result.usage.prompt_tokens == len(prompt_ids)
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_completion_stream_equals_non_stream(client, model_name, prompt):
     whole = complete(client, model_name, prompt, max_tokens=16)
-    streamed = collect_completion_stream(complete(client, model_name, prompt, max_tokens=16, stream=True,
-                                                  stream_options={"include_usage": True}))
+    streamed = collect_completion_stream(
+        complete(client, model_name, prompt, max_tokens=16, stream=True, stream_options={"include_usage": True})
+    )
     text = whole.choices[0].text
     assert streamed.text() == text
     assert_clean_pieces(streamed.pieces[0], text)
@@ -259,8 +279,14 @@ def test_completion_stream_without_usage_option_has_no_usage_chunk(client, model
 
 
 def test_raw_sse_with_curl(server, model_name, tmp_path):
-    body = {"model": model_name, "prompt": CHINESE, "max_tokens": 10, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": model_name,
+        "prompt": CHINESE,
+        "max_tokens": 10,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     headers, events = curl_sse(server.url + "/v1/completions", body, tmp_path)
     assert re.search(r"^content-type: text/event-stream", headers, re.IGNORECASE | re.MULTILINE), headers
     payloads = parse_events(events)
@@ -302,8 +328,7 @@ def test_echo_returns_prompt_and_completion(client, model_name, tokenizer):
         echoed = complete(client, model_name, prompt, max_tokens=8, echo=True)
         assert echoed.choices[0].text == prompt + plain.choices[0].text
         assert echoed.usage.model_dump() == plain.usage.model_dump()
-        streamed = collect_completion_stream(complete(client, model_name, prompt, max_tokens=8, echo=True,
-                                                      stream=True))
+        streamed = collect_completion_stream(complete(client, model_name, prompt, max_tokens=8, echo=True, stream=True))
         assert streamed.text() == prompt + plain.choices[0].text
         assert streamed.pieces[0][0] == prompt
 
@@ -319,8 +344,9 @@ def test_prompt_list_gives_one_choice_per_prompt(client, model_name, tokenizer):
     assert batch.usage.completion_tokens == 24
     assert batch.usage.total_tokens == batch.usage.prompt_tokens + 24
 
-    streamed = collect_completion_stream(complete(client, model_name, prompts, max_tokens=8, stream=True,
-                                                  stream_options={"include_usage": True}))
+    streamed = collect_completion_stream(
+        complete(client, model_name, prompts, max_tokens=8, stream=True, stream_options={"include_usage": True})
+    )
     assert sorted(streamed.pieces) == [0, 1, 2]
     assert [streamed.text(i) for i in range(3)] == singles
     assert streamed.finish == {0: "length", 1: "length", 2: "length"}
@@ -333,12 +359,12 @@ def test_prompt_list_with_echo_and_stream(client, model_name):
     singles = [complete(client, model_name, p, max_tokens=6).choices[0].text for p in prompts]
     batch = complete(client, model_name, prompts, max_tokens=6, echo=True)
     assert [c.text for c in batch.choices] == [p + s for p, s in zip(prompts, singles)]
-    streamed = collect_completion_stream(complete(client, model_name, prompts, max_tokens=6, echo=True,
-                                                  stream=True))
+    streamed = collect_completion_stream(complete(client, model_name, prompts, max_tokens=6, echo=True, stream=True))
     assert [streamed.text(i) for i in range(2)] == [p + s for p, s in zip(prompts, singles)]
 
 
 # ---- stop strings ---------------------------------------------------------------------------
+
 
 def stop_in_the_middle(pieces: list[str]) -> str:
     """A stop string that spans two streamed pieces (so two tokens) around the middle of the
@@ -366,15 +392,18 @@ def test_stop_string_spanning_tokens(client, model_name, prompt):
     first = collect_completion_stream(complete(client, model_name, prompt, max_tokens=16, stream=True))
     text = first.text()
     stop = stop_in_the_middle(first.pieces[0])
-    expected = text[:text.find(stop)]
+    expected = text[: text.find(stop)]
 
     result = complete(client, model_name, prompt, max_tokens=16, stop=[stop])
     assert result.choices[0].text == expected
     assert result.choices[0].finish_reason == "stop"
     assert result.usage.completion_tokens < 16
 
-    streamed = collect_completion_stream(complete(client, model_name, prompt, max_tokens=16, stop=stop,
-                                                  stream=True, stream_options={"include_usage": True}))
+    streamed = collect_completion_stream(
+        complete(
+            client, model_name, prompt, max_tokens=16, stop=stop, stream=True, stream_options={"include_usage": True}
+        )
+    )
     assert streamed.text() == expected
     assert all(stop not in piece for piece in streamed.pieces[0])
     assert streamed.finish == {0: "stop"}
@@ -385,7 +414,7 @@ def test_earliest_of_several_stop_strings_wins(client, model_name):
     text = complete(client, model_name, ENGLISH, max_tokens=16).choices[0].text
     first, later = text[3:6], text[9:12]
     result = complete(client, model_name, ENGLISH, max_tokens=16, stop=[later, "\x01never", first])
-    assert result.choices[0].text == text[:min(text.find(first), text.find(later))]
+    assert result.choices[0].text == text[: min(text.find(first), text.find(later))]
     assert result.choices[0].finish_reason == "stop"
 
 
@@ -397,8 +426,7 @@ def test_held_back_partial_stop_is_released_at_the_end(client, model_name):
     result = complete(client, model_name, ENGLISH, max_tokens=12, stop=[stop])
     assert result.choices[0].text == text
     assert result.choices[0].finish_reason == "length"
-    streamed = collect_completion_stream(complete(client, model_name, ENGLISH, max_tokens=12, stop=[stop],
-                                                  stream=True))
+    streamed = collect_completion_stream(complete(client, model_name, ENGLISH, max_tokens=12, stop=[stop], stream=True))
     assert streamed.text() == text and streamed.finish == {0: "length"}
 
 
@@ -415,21 +443,26 @@ def test_chat_stop_string(client, model_name):
     text = first.text()
     stop = stop_in_the_middle(first.pieces[0])
     result = chat(client, model_name, user("Hi"), max_tokens=16, stop=stop)
-    assert result.choices[0].message.content == text[:text.find(stop)]
+    assert result.choices[0].message.content == text[: text.find(stop)]
     assert result.choices[0].finish_reason == "stop"
     streamed = collect_chat_stream(chat(client, model_name, user("Hi"), max_tokens=16, stop=stop, stream=True))
-    assert streamed.text() == text[:text.find(stop)] and streamed.finish == {0: "stop"}
+    assert streamed.text() == text[: text.find(stop)] and streamed.finish == {0: "stop"}
 
 
 # ---- seeds ----------------------------------------------------------------------------------
 
+
 def test_same_seed_same_text_other_seed_other_text(client, model_name):
-    texts = [complete(client, model_name, ENGLISH, max_tokens=16, temperature=1.0, seed=seed).choices[0].text
-             for seed in (123, 123, 124)]
+    texts = [
+        complete(client, model_name, ENGLISH, max_tokens=16, temperature=1.0, seed=seed).choices[0].text
+        for seed in (123, 123, 124)
+    ]
     assert texts[0] == texts[1]
     assert texts[0] != texts[2]
-    chats = [chat(client, model_name, user("Hi"), max_tokens=16, temperature=1.0, seed=seed).choices[0].message.content
-             for seed in (123, 123, 7)]
+    chats = [
+        chat(client, model_name, user("Hi"), max_tokens=16, temperature=1.0, seed=seed).choices[0].message.content
+        for seed in (123, 123, 7)
+    ]
     assert chats[0] == chats[1] != chats[2]
 
 
@@ -441,15 +474,24 @@ def test_seeded_requests_are_unaffected_by_concurrent_ones(server, model_name):
             alone = (await aclient.completions.create(**seeded)).choices[0].text
             others = [
                 aclient.completions.create(model=model_name, prompt=p, max_tokens=m, temperature=t)
-                for p, m, t in [(CHINESE, 24, 1.0), ("def fibonacci(n):", 8, 0), ("The quick brown fox " * 8, 20, 0.7),
-                                ("Hi", 5, 1.0)]
+                for p, m, t in [
+                    (CHINESE, 24, 1.0),
+                    ("def fibonacci(n):", 8, 0),
+                    ("The quick brown fox " * 8, 20, 0.7),
+                    ("Hi", 5, 1.0),
+                ]
             ]
-            together = await asyncio.gather(aclient.completions.create(**seeded), *others,
-                                            aclient.completions.create(**seeded),
-                                            aclient.chat.completions.create(model=model_name, messages=user("Hi"),
-                                                                            max_tokens=10, temperature=1.0, seed=5))
-            chat_alone = await aclient.chat.completions.create(model=model_name, messages=user("Hi"), max_tokens=10,
-                                                               temperature=1.0, seed=5)
+            together = await asyncio.gather(
+                aclient.completions.create(**seeded),
+                *others,
+                aclient.completions.create(**seeded),
+                aclient.chat.completions.create(
+                    model=model_name, messages=user("Hi"), max_tokens=10, temperature=1.0, seed=5
+                ),
+            )
+            chat_alone = await aclient.chat.completions.create(
+                model=model_name, messages=user("Hi"), max_tokens=10, temperature=1.0, seed=5
+            )
             return alone, together, chat_alone
 
     alone, together, chat_alone = asyncio.run(run())
@@ -460,6 +502,7 @@ def test_seeded_requests_are_unaffected_by_concurrent_ones(server, model_name):
 
 # ---- async client ---------------------------------------------------------------------------
 
+
 def test_async_client_streams_and_non_streams(server, client, model_name):
     expected_completion = complete(client, model_name, CHINESE, max_tokens=10).choices[0].text
     expected_chat = chat(client, model_name, user(CHINESE), max_tokens=10).choices[0].message.content
@@ -468,14 +511,17 @@ def test_async_client_streams_and_non_streams(server, client, model_name):
         async with async_client(server) as aclient:
             plain = await aclient.completions.create(model=model_name, prompt=CHINESE, max_tokens=10, temperature=0)
             pieces = []
-            async for chunk in await aclient.completions.create(model=model_name, prompt=CHINESE, max_tokens=10,
-                                                                temperature=0, stream=True):
+            async for chunk in await aclient.completions.create(
+                model=model_name, prompt=CHINESE, max_tokens=10, temperature=0, stream=True
+            ):
                 pieces.extend(c.text for c in chunk.choices)
-            chat_plain = await aclient.chat.completions.create(model=model_name, messages=user(CHINESE),
-                                                               max_tokens=10, temperature=0)
+            chat_plain = await aclient.chat.completions.create(
+                model=model_name, messages=user(CHINESE), max_tokens=10, temperature=0
+            )
             chat_pieces = []
-            async for chunk in await aclient.chat.completions.create(model=model_name, messages=user(CHINESE),
-                                                                     max_tokens=10, temperature=0, stream=True):
+            async for chunk in await aclient.chat.completions.create(
+                model=model_name, messages=user(CHINESE), max_tokens=10, temperature=0, stream=True
+            ):
                 chat_pieces.extend(c.delta.content or "" for c in chunk.choices)
             return plain, pieces, chat_plain, chat_pieces
 
@@ -487,6 +533,7 @@ def test_async_client_streams_and_non_streams(server, client, model_name):
 
 
 # ---- /v1/chat/completions -------------------------------------------------------------------
+
 
 def test_chat_fields_usage_and_zephyr_template(client, model_name, tokenizer):
     result = chat(client, model_name, user("Hi"), max_tokens=10)
@@ -509,10 +556,16 @@ def test_chat_fields_usage_and_zephyr_template(client, model_name, tokenizer):
 
 
 def test_chat_system_and_multi_turn_messages(client, model_name, tokenizer):
-    messages = [{"role": "system", "content": "You are brief."}, {"role": "user", "content": "Hi"},
-                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "你好"}]
-    rendered = ("<|system|>\nYou are brief.</s>\n<|user|>\nHi</s>\n<|assistant|>\nHello!</s>\n"
-                "<|user|>\n你好</s>\n<|assistant|>\n")
+    messages = [
+        {"role": "system", "content": "You are brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "你好"},
+    ]
+    rendered = (
+        "<|system|>\nYou are brief.</s>\n<|user|>\nHi</s>\n<|assistant|>\nHello!</s>\n"
+        "<|user|>\n你好</s>\n<|assistant|>\n"
+    )
     result = chat(client, model_name, messages, max_tokens=8)
     assert result.usage.prompt_tokens == n_tokens(tokenizer, rendered)
     assert result.choices[0].message.content == complete(client, model_name, rendered, max_tokens=8).choices[0].text
@@ -520,18 +573,21 @@ def test_chat_system_and_multi_turn_messages(client, model_name, tokenizer):
 
 def test_chat_content_parts_and_max_completion_tokens(client, model_name, tokenizer):
     parts = [{"role": "user", "content": [{"type": "text", "text": "H"}, {"type": "text", "text": "i"}]}]
-    result = client.chat.completions.create(model=model_name, messages=parts, temperature=0,
-                                            max_completion_tokens=7)
+    result = client.chat.completions.create(model=model_name, messages=parts, temperature=0, max_completion_tokens=7)
     assert result.usage.prompt_tokens == n_tokens(tokenizer, ZEPHYR_HI)
     assert result.usage.completion_tokens == 7
-    assert result.choices[0].message.content == chat(client, model_name, user("Hi"), max_tokens=7).choices[0].message.content
+    assert (
+        result.choices[0].message.content
+        == chat(client, model_name, user("Hi"), max_tokens=7).choices[0].message.content
+    )
 
 
 @pytest.mark.parametrize("content", ["Hi", CHINESE, "绍兴 😀"])
 def test_chat_stream_equals_non_stream(client, model_name, content):
     whole = chat(client, model_name, user(content), max_tokens=12)
-    streamed = collect_chat_stream(chat(client, model_name, user(content), max_tokens=12, stream=True,
-                                        stream_options={"include_usage": True}))
+    streamed = collect_chat_stream(
+        chat(client, model_name, user(content), max_tokens=12, stream=True, stream_options={"include_usage": True})
+    )
     text = whole.choices[0].message.content
     assert streamed.text() == text
     assert_clean_pieces(streamed.pieces[0], text)
@@ -547,10 +603,13 @@ def test_chat_stream_equals_non_stream(client, model_name, content):
 def template_server(start_server, serving_dirs, tmp_path_factory):
     template = tmp_path_factory.mktemp("template") / "marker.jinja"
     # bos_token first, as many HF templates write it: the server must not double BOS.
-    template.write_text("{{ bos_token }}[[MARKER]]{% for m in messages %}{{ m['role'] | upper }}: {{ m['content'] }}\n"
-                        "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
-    return start_server(*serving_dirs, "--max-batch-size", "2", "--max-model-len", "256",
-                        "--chat-template", str(template))
+    template.write_text(
+        "{{ bos_token }}[[MARKER]]{% for m in messages %}{{ m['role'] | upper }}: {{ m['content'] }}\n"
+        "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    )
+    return start_server(
+        *serving_dirs, "--max-batch-size", "2", "--max-model-len", "256", "--chat-template", str(template)
+    )
 
 
 def test_chat_template_flag(template_server, model_name, tokenizer):
@@ -566,8 +625,10 @@ def test_chat_template_flag(template_server, model_name, tokenizer):
 
 # ---- errors ---------------------------------------------------------------------------------
 
-def assert_error_shape(error: openai.APIStatusError, status: int, kind: str, param: str | None = None,
-                       code: str | None = None) -> dict:
+
+def assert_error_shape(
+    error: openai.APIStatusError, status: int, kind: str, param: str | None = None, code: str | None = None
+) -> dict:
     assert error.status_code == status
     body = error.response.json()
     assert set(body) == {"error"}
@@ -591,8 +652,9 @@ def test_unknown_model_is_not_found(client):
     assert_error_shape(caught.value, 404, "not_found_error", "model", "model_not_found")
 
 
-@pytest.mark.parametrize("published_name", ["OpenELM-3B-Instruct", "apple/OpenELM-3B-Instruct",
-                                            "LLM-Research/OpenELM-3B-Instruct"])
+@pytest.mark.parametrize(
+    "published_name", ["OpenELM-3B-Instruct", "apple/OpenELM-3B-Instruct", "LLM-Research/OpenELM-3B-Instruct"]
+)
 def test_published_names_work_whatever_the_folder_is_called(client, model_name, published_name):
     # The test model's folder is not called OpenELM-3B-Instruct: the README's examples still work.
     assert model_name != "OpenELM-3B-Instruct"
@@ -608,7 +670,9 @@ def test_served_model_name_is_the_only_name(start_server, serving_dirs):
     assert complete(named, "my-model", ENGLISH, max_tokens=2).model == "my-model"
     with pytest.raises(openai.NotFoundError) as caught:
         complete(named, "OpenELM-3B-Instruct", ENGLISH, max_tokens=2)
-    assert "'my-model'" in assert_error_shape(caught.value, 404, "not_found_error", "model", "model_not_found")["message"]
+    assert (
+        "'my-model'" in assert_error_shape(caught.value, 404, "not_found_error", "model", "model_not_found")["message"]
+    )
 
 
 BAD_COMPLETIONS = [
@@ -656,15 +720,19 @@ def test_bad_chat_parameters_are_400(client, model_name, override, param):
 
 
 def test_bad_chat_role_is_400(server, model_name):
-    response = httpx.post(server.url + "/v1/chat/completions", timeout=30,
-                          json={"model": model_name, "messages": [{"role": "wizard", "content": "Hi"}]})
+    response = httpx.post(
+        server.url + "/v1/chat/completions",
+        timeout=30,
+        json={"model": model_name, "messages": [{"role": "wizard", "content": "Hi"}]},
+    )
     assert response.status_code == 400
     assert set(response.json()["error"]) == ERROR_KEYS
 
 
 def test_error_body_is_json_with_exact_shape(server, model_name):
-    response = httpx.post(server.url + "/v1/completions", json={"model": model_name, "prompt": "Hi", "temperature": -1},
-                          timeout=30)
+    response = httpx.post(
+        server.url + "/v1/completions", json={"model": model_name, "prompt": "Hi", "temperature": -1}, timeout=30
+    )
     assert response.status_code == 400
     assert response.headers["content-type"].startswith("application/json")
     error = response.json()["error"]
@@ -673,6 +741,7 @@ def test_error_body_is_json_with_exact_shape(server, model_name):
 
 
 # ---- queue full -----------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def busy_server(start_server, serving_dirs):
@@ -684,8 +753,7 @@ def test_queue_full_is_503_with_retry_after(busy_server, model_name):
 
     async def burst():
         async with httpx.AsyncClient(timeout=120) as http:
-            return await asyncio.gather(*(http.post(busy_server.url + "/v1/completions", json=body)
-                                          for _ in range(5)))
+            return await asyncio.gather(*(http.post(busy_server.url + "/v1/completions", json=body) for _ in range(5)))
 
     responses = asyncio.run(burst())
     statuses = sorted(r.status_code for r in responses)
@@ -713,8 +781,10 @@ def test_queue_full_raises_the_sdk_internal_server_error(busy_server, model_name
             for running, waiting in ((1, 0), (1, 1)):
                 long_ones.append(asyncio.ensure_future(http.post(busy_server.url + "/v1/completions", json=body)))
                 deadline = time.monotonic() + 10
-                while not (metric(busy_server, "openelm_requests_running") == running
-                           and metric(busy_server, "openelm_requests_waiting") == waiting):
+                while not (
+                    metric(busy_server, "openelm_requests_running") == running
+                    and metric(busy_server, "openelm_requests_waiting") == waiting
+                ):
                     assert time.monotonic() < deadline, "the slot and the queue never filled"
                     await asyncio.sleep(0.01)
             errors = []
@@ -736,6 +806,7 @@ def test_queue_full_raises_the_sdk_internal_server_error(busy_server, model_name
 
 
 # ---- the tutorial's POST / ------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("prompt", [ENGLISH, CHINESE])
 def test_tutorial_stream_equals_non_stream(server, prompt):
@@ -764,6 +835,7 @@ def test_tutorial_and_openai_routes_agree(server, client, model_name):
 
 # ---- the incremental detokenizer, with the real tokenizer -----------------------------------
 
+
 def detokenize_stepwise(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> list[str]:
     detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids)
     pieces = [detokenizer.push(token) for token in new_ids]
@@ -790,12 +862,12 @@ def test_detokenizer_continuation_after_a_prompt(llama_tokenizer, prompt):
     prompt's text (leading spaces included), and never show half a character."""
     prompt_ids = llama_tokenizer(prompt).input_ids
     for continuation in (" world 绍兴 😀 ok", "绍兴是一个美丽的城市。", " café ß €", "\n\tdef f():\n    return 1"):
-        new_ids = llama_tokenizer(prompt + continuation).input_ids[len(prompt_ids):]
+        new_ids = llama_tokenizer(prompt + continuation).input_ids[len(prompt_ids) :]
         whole = llama_tokenizer.decode(prompt_ids + new_ids, skip_special_tokens=True)
         prompt_text = llama_tokenizer.decode(prompt_ids, skip_special_tokens=True)
         assert whole.startswith(prompt_text)
         pieces = detokenize_stepwise(llama_tokenizer, prompt_ids, new_ids)
-        assert_clean_pieces(pieces, whole[len(prompt_text):])
+        assert_clean_pieces(pieces, whole[len(prompt_text) :])
 
 
 def test_detokenizer_random_mixtures(llama_tokenizer):
@@ -805,25 +877,30 @@ def test_detokenizer_random_mixtures(llama_tokenizer):
     prompt_text = llama_tokenizer.decode(prompt_ids, skip_special_tokens=True)
     for _ in range(30):
         text = "".join(rng.choice(vocabulary) for _ in range(rng.randint(1, 12)))
-        new_ids = llama_tokenizer("Hello:" + text).input_ids[len(prompt_ids):]
+        new_ids = llama_tokenizer("Hello:" + text).input_ids[len(prompt_ids) :]
         whole = llama_tokenizer.decode(prompt_ids + new_ids, skip_special_tokens=True)
         pieces = detokenize_stepwise(llama_tokenizer, prompt_ids, new_ids)
-        assert_clean_pieces(pieces, whole[len(prompt_text):])
+        assert_clean_pieces(pieces, whole[len(prompt_text) :])
 
 
 def test_detokenizer_invalid_bytes_still_join_to_the_whole_text(llama_tokenizer):
     """Stray byte tokens (as random weights make) never form a character: the pieces still
     join into the text decoded in one go."""
-    byte = {f"<0x{b:02X}>": i for i, b in ((llama_tokenizer.convert_tokens_to_ids(f"<0x{b:02X}>"), b)
-                                            for b in range(256))}
+    byte = {
+        f"<0x{b:02X}>": i for i, b in ((llama_tokenizer.convert_tokens_to_ids(f"<0x{b:02X}>"), b) for b in range(256))
+    }
     prompt_ids = llama_tokenizer("x").input_ids
     world = llama_tokenizer(" world").input_ids[1:]
-    sequences = [[byte["<0xE7>"]] + world, [byte["<0xE7>"], byte["<0xBB>"]], world + [byte["<0x8D>"]] + world,
-                 [byte["<0xF0>"], byte["<0x9F>"], byte["<0xE7>"], byte["<0xBB>"], byte["<0x8D>"]]]
+    sequences = [
+        [byte["<0xE7>"]] + world,
+        [byte["<0xE7>"], byte["<0xBB>"]],
+        world + [byte["<0x8D>"]] + world,
+        [byte["<0xF0>"], byte["<0x9F>"], byte["<0xE7>"], byte["<0xBB>"], byte["<0x8D>"]],
+    ]
     for new_ids in sequences:
         whole = llama_tokenizer.decode(prompt_ids + new_ids, skip_special_tokens=True)
         pieces = detokenize_stepwise(llama_tokenizer, prompt_ids, new_ids)
-        assert "".join(pieces) == whole[len("x"):], (pieces, whole)
+        assert "".join(pieces) == whole[len("x") :], (pieces, whole)
 
 
 def test_detokenizer_skips_special_tokens(llama_tokenizer):
@@ -834,6 +911,7 @@ def test_detokenizer_skips_special_tokens(llama_tokenizer):
 
 
 # ---- the stop-string matcher ----------------------------------------------------------------
+
 
 def run_matcher(stops: tuple[str, ...], pieces: list[str]) -> tuple[list[str], bool]:
     matcher = StopStringMatcher(stops)
@@ -898,22 +976,34 @@ def test_no_stop_strings_release_everything():
 
 # ---- work nobody will read is cancelled -----------------------------------------------------
 
+
 def test_refused_prompt_list_leaves_no_work_behind(busy_server, model_name):
     """A list whose later prompt finds the queue full is refused whole (503), and the prompts
     already queued are cancelled rather than generated for nobody."""
     assert wait_until_idle(busy_server, 30)
     for stream in (True, False):
-        response = httpx.post(busy_server.url + "/v1/completions", timeout=60,
-                              json={"model": model_name, "prompt": [ENGLISH, "Hi", CHINESE], "max_tokens": 900,
-                                    "temperature": 0, "stream": stream})
+        response = httpx.post(
+            busy_server.url + "/v1/completions",
+            timeout=60,
+            json={
+                "model": model_name,
+                "prompt": [ENGLISH, "Hi", CHINESE],
+                "max_tokens": 900,
+                "temperature": 0,
+                "stream": stream,
+            },
+        )
         assert response.status_code == 503, response.text
         assert response.json()["error"]["code"] == "queue_full"
         assert wait_until_idle(busy_server, 1.0), f"stream={stream}: refused prompts are still generating"
 
 
 def test_stream_closed_by_the_client_stops_generating(server, model_name):
-    for path, body in (("/v1/completions", {"prompt": ENGLISH}), ("/v1/chat/completions", {"messages": user("Hi")}),
-                       ("/", {"prompt": ENGLISH, "max_new_tokens": 480})):
+    for path, body in (
+        ("/v1/completions", {"prompt": ENGLISH}),
+        ("/v1/chat/completions", {"messages": user("Hi")}),
+        ("/", {"prompt": ENGLISH, "max_new_tokens": 480}),
+    ):
         body = {"model": model_name, "max_tokens": 480, "temperature": 0, "stream": True, **body}
         with httpx.stream("POST", server.url + path, json=body, timeout=30) as response:
             assert response.status_code == 200
@@ -935,11 +1025,13 @@ def test_non_streamed_request_abandoned_by_the_client_stops_generating(busy_serv
         stopped = wait_until_idle(busy_server, 2.0)
         if not stopped:
             wait_until_idle(busy_server, 30)
-        assert stopped, (f"attempt {attempt + 1}: the abandoned generation ran on for "
-                         f"{time.monotonic() - started:.1f} s, to its end")
+        assert stopped, (
+            f"attempt {attempt + 1}: the abandoned generation ran on for {time.monotonic() - started:.1f} s, to its end"
+        )
 
 
 # ---- small compatibility points -------------------------------------------------------------
+
 
 def test_echo_returns_the_prompt_verbatim(client, model_name):
     """OpenAI's echo gives back the prompt as sent; Llama's tokenizer drops a leading space
@@ -950,7 +1042,6 @@ def test_echo_returns_the_prompt_verbatim(client, model_name):
 
 
 def test_invalid_prompt_error_names_the_prompt_param(server, model_name):
-    response = httpx.post(server.url + "/v1/completions", timeout=30,
-                          json={"model": model_name, "prompt": ["fine", 5]})
+    response = httpx.post(server.url + "/v1/completions", timeout=30, json={"model": model_name, "prompt": ["fine", 5]})
     assert response.status_code == 400
     assert response.json()["error"]["param"] in ("prompt", "prompt.1"), response.json()

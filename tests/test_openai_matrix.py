@@ -9,7 +9,6 @@ import itertools
 
 import pytest
 
-
 PROMPT = "Once upon a time there was"
 MAX_TOKENS = 5
 
@@ -41,21 +40,34 @@ def completion_entries(choice: dict) -> list:
 
 def same_entries(streamed: list, whole: list) -> bool:
     return [t for t, _ in streamed] == [t for t, _ in whole] and all(
-        (a is None and b is None) or abs(a - b) < 1e-4 for (_, a), (_, b) in zip(streamed, whole))
+        (a is None and b is None) or abs(a - b) < 1e-4 for (_, a), (_, b) in zip(streamed, whole)
+    )
 
 
-@pytest.mark.parametrize("echo, logprobs, n, as_ids", list(itertools.product([False, True], [None, 2], [1, 3],
-                                                                              [False, True])))
+@pytest.mark.parametrize(
+    "echo, logprobs, n, as_ids", list(itertools.product([False, True], [None, 2], [1, 3], [False, True]))
+)
 def test_completion_matrix(app, echo, logprobs, n, as_ids):
     prompt_ids = app.tokenizer(PROMPT).input_ids
-    body = {"prompt": prompt_ids if as_ids else PROMPT, "max_tokens": MAX_TOKENS, "n": n, "echo": echo,
-            "logprobs": logprobs, "temperature": 1.0, "seed": 21, "ignore_eos": True}
+    body = {
+        "prompt": prompt_ids if as_ids else PROMPT,
+        "max_tokens": MAX_TOKENS,
+        "n": n,
+        "echo": echo,
+        "logprobs": logprobs,
+        "temperature": 1.0,
+        "seed": 21,
+        "ignore_eos": True,
+    }
     response = app.post("/v1/completions", body)
     assert response.status_code == 200, response.text
     whole = response.json()
     assert [c["index"] for c in whole["choices"]] == list(range(n))
-    assert whole["usage"] == {"prompt_tokens": len(prompt_ids), "completion_tokens": n * MAX_TOKENS,
-                              "total_tokens": len(prompt_ids) + n * MAX_TOKENS}
+    assert whole["usage"] == {
+        "prompt_tokens": len(prompt_ids),
+        "completion_tokens": n * MAX_TOKENS,
+        "total_tokens": len(prompt_ids) + n * MAX_TOKENS,
+    }
     for choice in whole["choices"]:
         assert choice["finish_reason"] == "length"
         if echo:
@@ -84,15 +96,26 @@ def chat_entries(choice: dict) -> list:
 
 @pytest.mark.parametrize("logprobs, n", list(itertools.product([False, True], [1, 3])))
 def test_chat_matrix(app, logprobs, n):
-    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": MAX_TOKENS, "n": n, "logprobs": logprobs,
-            "top_logprobs": 2 if logprobs else None, "temperature": 1.0, "seed": 4, "ignore_eos": True}
+    body = {
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": MAX_TOKENS,
+        "n": n,
+        "logprobs": logprobs,
+        "top_logprobs": 2 if logprobs else None,
+        "temperature": 1.0,
+        "seed": 4,
+        "ignore_eos": True,
+    }
     response = app.post("/v1/chat/completions", body)
     assert response.status_code == 200, response.text
     whole = response.json()
     assert [c["index"] for c in whole["choices"]] == list(range(n))
     prompt_tokens = app.post("/tokenize", {"messages": body["messages"]}).json()["count"]
-    assert whole["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": n * MAX_TOKENS,
-                              "total_tokens": prompt_tokens + n * MAX_TOKENS}
+    assert whole["usage"] == {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": n * MAX_TOKENS,
+        "total_tokens": prompt_tokens + n * MAX_TOKENS,
+    }
     for choice in whole["choices"]:
         assert len(chat_entries(choice)) == (MAX_TOKENS if logprobs else 0)
 

@@ -10,7 +10,6 @@ import json
 import openai
 import pytest
 
-
 PROMPT = "Once upon a time there was"
 MESSAGES = [{"role": "user", "content": "Hi"}]
 
@@ -28,26 +27,57 @@ def assert_400(response, param: str, text: str = "") -> dict:
     return error
 
 
-NULLABLE = ["model", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop", "max_tokens",
-            "presence_penalty", "frequency_penalty", "n", "stream", "stream_options", "user", "logit_bias",
-            "ignore_eos", "min_tokens", "logprobs", "response_format", "tools", "tool_choice"]
+NULLABLE = [
+    "model",
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "seed",
+    "stop",
+    "max_tokens",
+    "presence_penalty",
+    "frequency_penalty",
+    "n",
+    "stream",
+    "stream_options",
+    "user",
+    "logit_bias",
+    "ignore_eos",
+    "min_tokens",
+    "logprobs",
+    "response_format",
+    "tools",
+    "tool_choice",
+]
 
 
 def test_explicit_null_for_every_optional_field(app):
-    completion = app.post("/v1/completions", {"prompt": PROMPT, **dict.fromkeys(NULLABLE + ["echo", "best_of",
-                                                                                          "suffix"])})
+    completion = app.post(
+        "/v1/completions", {"prompt": PROMPT, **dict.fromkeys(NULLABLE + ["echo", "best_of", "suffix"])}
+    )
     assert completion.status_code == 200, completion.text
     assert len(completion.json()["choices"]) == 1
-    chat = app.post("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 4,
-                                             **dict.fromkeys(NULLABLE + ["max_completion_tokens", "top_logprobs"])})
+    chat = app.post(
+        "/v1/chat/completions",
+        {"messages": MESSAGES, "max_tokens": 4, **dict.fromkeys(NULLABLE + ["max_completion_tokens", "top_logprobs"])},
+    )
     assert chat.status_code == 200, chat.text
 
 
 def test_sdk_passing_none_and_logprobs_false(app):
     async def call(client):
-        return await client.chat.completions.create(model=app.model, messages=MESSAGES, max_tokens=4, n=None,
-                                                    presence_penalty=None, frequency_penalty=None, stream=None,
-                                                    logprobs=False, temperature=0)
+        return await client.chat.completions.create(
+            model=app.model,
+            messages=MESSAGES,
+            max_tokens=4,
+            n=None,
+            presence_penalty=None,
+            frequency_penalty=None,
+            stream=None,
+            logprobs=False,
+            temperature=0,
+        )
 
     assert app.sdk(call).choices[0].logprobs is None
 
@@ -70,13 +100,16 @@ def test_logit_bias_steers_greedy_and_sampled_answers(app):
     assert banned["choices"][0]["logprobs"]["tokens"][0] != first
 
 
-@pytest.mark.parametrize("bias, param", [
-    ({"abc": 1}, "logit_bias.abc"),
-    ({"-1": 1}, "logit_bias.-1"),
-    ({"999999999": 1}, "logit_bias.999999999"),
-    ({"5": 101}, "logit_bias.5"),
-    ({"5": "1"}, "logit_bias.5"),
-])
+@pytest.mark.parametrize(
+    "bias, param",
+    [
+        ({"abc": 1}, "logit_bias.abc"),
+        ({"-1": 1}, "logit_bias.-1"),
+        ({"999999999": 1}, "logit_bias.999999999"),
+        ({"5": 101}, "logit_bias.5"),
+        ({"5": "1"}, "logit_bias.5"),
+    ],
+)
 def test_bad_logit_bias_is_400(app, bias, param):
     assert_400(app.post("/v1/completions", {"prompt": PROMPT, "logit_bias": bias}), param)
 
@@ -93,8 +126,10 @@ def test_ignore_eos_and_min_tokens(app):
     assert ignored["choices"][0]["finish_reason"] == "length" and ignored["usage"]["completion_tokens"] == 6
     held = complete(app, logit_bias=eos_first(app), min_tokens=4)
     assert held["choices"][0]["finish_reason"] == "stop" and held["usage"]["completion_tokens"] == 5
-    chat = app.post("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 6, "temperature": 0,
-                                             "logit_bias": eos_first(app), "min_tokens": 3}).json()
+    chat = app.post(
+        "/v1/chat/completions",
+        {"messages": MESSAGES, "max_tokens": 6, "temperature": 0, "logit_bias": eos_first(app), "min_tokens": 3},
+    ).json()
     assert chat["usage"]["completion_tokens"] == 4
 
 
@@ -129,26 +164,35 @@ def test_head_health(app):
 
 def test_gzip_body_is_415_not_a_utf8_error(app):
     body = gzip.compress(json.dumps({"prompt": PROMPT}).encode())
-    response = app.request("POST", "/v1/completions", content=body,
-                           headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
+    response = app.request(
+        "POST",
+        "/v1/completions",
+        content=body,
+        headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+    )
     assert response.status_code == 415
     assert "Content-Encoding gzip is not supported" in response.json()["error"]["message"]
 
 
-@pytest.mark.parametrize("path, field, value", [
-    ("/v1/completions", "tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-    ("/v1/chat/completions", "functions", [{"name": "f"}]),
-    ("/v1/chat/completions", "audio", {"voice": "alloy", "format": "wav"}),
-    ("/v1/chat/completions", "modalities", ["text", "audio"]),
-    ("/v1/completions", "suffix", "the end"),
-])
+@pytest.mark.parametrize(
+    "path, field, value",
+    [
+        ("/v1/completions", "tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+        ("/v1/chat/completions", "functions", [{"name": "f"}]),
+        ("/v1/chat/completions", "audio", {"voice": "alloy", "format": "wav"}),
+        ("/v1/chat/completions", "modalities", ["text", "audio"]),
+        ("/v1/completions", "suffix", "the end"),
+    ],
+)
 def test_unsupported_fields_are_refused_not_ignored(app, path, field, value):
     body = {"messages": MESSAGES} if path.endswith("chat/completions") else {"prompt": PROMPT}
     assert_400(app.post(path, {**body, field: value}), field, "not supported")
 
 
-@pytest.mark.parametrize("field, value", [("response_format", {"type": "text"}), ("tool_choice", "none"),
-                                          ("tools", []), ("modalities", ["text"])])
+@pytest.mark.parametrize(
+    "field, value",
+    [("response_format", {"type": "text"}), ("tool_choice", "none"), ("tools", []), ("modalities", ["text"])],
+)
 def test_harmless_values_of_unsupported_fields_are_accepted(app, field, value):
     response = app.post("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 2, field: value})
     assert response.status_code == 200, response.text
@@ -176,14 +220,17 @@ def test_tokenize_messages_counts_what_chat_prefills(app):
     assert tokens["count"] == chat["usage"]["prompt_tokens"]
 
 
-@pytest.mark.parametrize("path, body, param", [
-    ("/tokenize", {}, "prompt"),
-    ("/tokenize", {"prompt": "a", "messages": MESSAGES}, "prompt"),
-    ("/tokenize", {"messages": MESSAGES, "add_generation_prompt": False}, "add_generation_prompt"),
-    ("/tokenize", {"prompt": "a", "model": "gpt-4o"}, "model"),
-    ("/detokenize", {"tokens": [1, 10 ** 9]}, "tokens.1"),
-    ("/detokenize", {"tokens": "abc"}, "tokens"),
-])
+@pytest.mark.parametrize(
+    "path, body, param",
+    [
+        ("/tokenize", {}, "prompt"),
+        ("/tokenize", {"prompt": "a", "messages": MESSAGES}, "prompt"),
+        ("/tokenize", {"messages": MESSAGES, "add_generation_prompt": False}, "add_generation_prompt"),
+        ("/tokenize", {"prompt": "a", "model": "gpt-4o"}, "model"),
+        ("/detokenize", {"tokens": [1, 10**9]}, "tokens.1"),
+        ("/detokenize", {"tokens": "abc"}, "tokens"),
+    ],
+)
 def test_bad_tokenize_requests(app, path, body, param):
     response = app.post(path, body)
     assert response.status_code in (400, 404), response.text

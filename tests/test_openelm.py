@@ -12,9 +12,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from openelm_server.demo import tiny_config, write_tiny_checkpoint
-from openelm_server.cpu_linear import OneDnnLinear, can_use_onednn, use_onednn_linears
-from openelm_server.openelm import (CheckpointError, ForwardBatch, OpenELM, OpenELMConfig, count_parameters,
-                                    load_openelm, published_config)
+from openelm_server.model.cpu_linear import OneDnnLinear, can_use_onednn, use_onednn_linears
+from openelm_server.model.openelm import (
+    CheckpointError,
+    ForwardBatch,
+    OpenELM,
+    OpenELMConfig,
+    count_parameters,
+    load_openelm,
+    published_config,
+)
 from openelm_server.tokenizer import TokenizerError, load_tokenizer
 
 
@@ -23,7 +30,7 @@ def prefill_logits(model: OpenELM, prompts: list[list[int]], cache, slots: list[
     longest = max(len(p) for p in prompts)
     tokens = torch.zeros(len(prompts), longest, dtype=torch.long)
     for row, prompt in enumerate(prompts):
-        tokens[row, :len(prompt)] = torch.tensor(prompt)
+        tokens[row, : len(prompt)] = torch.tensor(prompt)
     positions = torch.arange(longest).expand(len(prompts), longest)
     hidden = model(tokens, ForwardBatch.build(cache, slots, positions))
     last = hidden[torch.arange(len(prompts)), torch.tensor([len(p) - 1 for p in prompts])]
@@ -88,8 +95,9 @@ def test_reproduces_reference_one_prompt_at_a_time(shared_model, reference):
 
 def test_reproduces_reference_batched_in_scattered_slots(shared_model, reference):
     cases = reference["cases"]
-    outputs, logits = greedy_batch(shared_model, [c["prompt_ids"] for c in cases], reference["new_tokens"],
-                                   slots=[5, 1, 3, 0])
+    outputs, logits = greedy_batch(
+        shared_model, [c["prompt_ids"] for c in cases], reference["new_tokens"], slots=[5, 1, 3, 0]
+    )
     for case, output, row in zip(cases, outputs, logits):
         assert output == case["greedy_ids"]
         assert torch.allclose(row[:16], torch.tensor(case["last_logits_head"]), atol=1e-4)
@@ -121,7 +129,7 @@ def test_cached_decoding_equals_full_recomputation(own_model):
         prefill_logits(own_model, [prompt], cache, [0])
         for position in range(len(prompt), len(sequence)):
             cached = decode_logits(own_model, [sequence[position]], [position], cache, [0])[0]
-            recomputed = full_recompute_logits(own_model, sequence[:position + 1])
+            recomputed = full_recompute_logits(own_model, sequence[: position + 1])
             assert torch.allclose(cached, recomputed, atol=1e-4), position
 
 
@@ -166,11 +174,14 @@ def test_expanded_lists_in_config_json_are_used_as_published(shared_model_dir):
     assert config.ffn_dims == (256, 512, 768, 1024)
 
 
-@pytest.mark.parametrize("overrides", [
-    dict(ffn_with_glu=False),
-    dict(normalize_qk_projections=False),
-    dict(share_input_output_layers=False),
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(ffn_with_glu=False),
+        dict(normalize_qk_projections=False),
+        dict(share_input_output_layers=False),
+    ],
+)
 def test_config_variants_load_and_run(tmp_path, overrides):
     directory = write_tiny_checkpoint(tmp_path / "variant", vocab_size=64, **overrides)
     model = load_openelm(directory)
@@ -185,8 +196,10 @@ def test_bfloat16_on_cpu_is_close_to_float32(own_model_dir, own_model):
         logits_fp32 = full_recompute_logits(own_model, prompt)
         logits_bf16 = full_recompute_logits(model_bf16, prompt).float()
     difference = (logits_fp32 - logits_bf16).abs().max().item()
-    print(f"bf16 vs fp32 last-position logits: max |diff| {difference:.4f} "
-          f"(logit range {logits_fp32.min():.2f}..{logits_fp32.max():.2f})")
+    print(
+        f"bf16 vs fp32 last-position logits: max |diff| {difference:.4f} "
+        f"(logit range {logits_fp32.min():.2f}..{logits_fp32.max():.2f})"
+    )
     assert difference < 0.1 * logits_fp32.abs().max().item()
     assert torch.topk(logits_bf16, 5).indices[0] in torch.topk(logits_fp32, 5).indices
 
@@ -206,8 +219,9 @@ def test_onednn_linears_match_pytorch_and_keep_the_cache_consistent(tmp_path, ow
     sequence = prompts[0] + fast_outputs[0]
     alone, _ = greedy_batch(fast, [prompts[0]], 12)
     assert alone[0] == fast_outputs[0]
-    assert torch.allclose(full_recompute_logits(fast, sequence[:-1]), full_recompute_logits(plain, sequence[:-1]),
-                          atol=1e-4)
+    assert torch.allclose(
+        full_recompute_logits(fast, sequence[:-1]), full_recompute_logits(plain, sequence[:-1]), atol=1e-4
+    )
 
 
 def test_onednn_is_only_for_float32_on_the_cpu(own_model_dir):
@@ -218,6 +232,7 @@ def test_onednn_is_only_for_float32_on_the_cpu(own_model_dir):
 
 
 # ---- what the loader refuses, and how it says so --------------------------------------------
+
 
 def copy_checkpoint(source, destination):
     shutil.copytree(source, destination)

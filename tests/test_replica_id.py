@@ -10,8 +10,8 @@ import socket
 import httpx
 import pytest
 
-from openelm_server.app import create_app
-from openelm_server.settings import Settings
+from openelm_server.config import Settings
+from openelm_server.serving.app import create_app
 from openelm_server.startup import build_engine
 
 API_KEY = "replica-test-key"
@@ -20,8 +20,9 @@ API_KEY = "replica-test-key"
 @pytest.fixture(scope="module")
 def engine_and_tokenizer(serving_dirs):
     model_dir, tokenizer_dir = serving_dirs
-    settings = Settings(model_path=str(model_dir), tokenizer_path=str(tokenizer_dir), max_batch_size=2,
-                        max_model_len=256)
+    settings = Settings(
+        model_path=str(model_dir), tokenizer_path=str(tokenizer_dir), max_batch_size=2, max_model_len=256
+    )
     engine, tokenizer = build_engine(settings)
     # httpx's ASGI transport does not run the app's lifespan, which would start the engine.
     engine.start()
@@ -76,4 +77,7 @@ async def _guard_answers_name_the_replica_too(engine_and_tokenizer):
 
 def test_each_server_gets_its_own_id(engine_and_tokenizer):
     settings, engine, tokenizer = engine_and_tokenizer
-    assert create_app(settings, engine, tokenizer).state.replica_id != create_app(settings, engine, tokenizer).state.replica_id
+    assert (
+        create_app(settings, engine, tokenizer).state.replica_id
+        != create_app(settings, engine, tokenizer).state.replica_id
+    )

@@ -11,16 +11,22 @@ import time
 
 import pytest
 import requests
-
 from conftest import ROOT, free_port
+
 from openelm_server.listen import where_to_open
 
 LOADING = "loading OpenELM from"
 
 
 def run_api(*args, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "api.py"), *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, str(ROOT / "api.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def assert_one_error_line(result: subprocess.CompletedProcess, *expected: str) -> str:
@@ -50,15 +56,18 @@ def log_lines_when_there(server, wanted, timeout: float = 10.0) -> list[str]:
 
 # ---- settings and --help ------------------------------------------------------------------------
 
+
 def test_help_imports_neither_torch_nor_transformers():
     # --help answers at once: the heavy libraries are imported only after the flags are read.
-    probe = ("import runpy, sys\n"
-             "sys.argv = ['api.py', '--help']\n"
-             "try:\n"
-             "    runpy.run_path('api.py', run_name='__main__')\n"
-             "except SystemExit:\n"
-             "    pass\n"
-             "print(sorted(m for m in ('torch', 'transformers', 'fastapi') if m in sys.modules), file=sys.stderr)\n")
+    probe = (
+        "import runpy, sys\n"
+        "sys.argv = ['api.py', '--help']\n"
+        "try:\n"
+        "    runpy.run_path('api.py', run_name='__main__')\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'fastapi') if m in sys.modules), file=sys.stderr)\n"
+    )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert result.stderr.strip() == "[]"
     assert "--port" in result.stdout
@@ -70,13 +79,16 @@ def test_help_shows_no_empty_defaults():
     assert "(default: 6006)" in output
 
 
-@pytest.mark.parametrize("flags, env, expected", [
-    (["--port", "70000"], {}, "--port: must be a port number from 1 to 65535, got 70000"),
-    (["--port", "0"], {}, "got 0"),
-    ([], {"PORT": "http"}, "--port: must be a whole number, got 'http'"),
-    (["--request-timeout", "soon"], {}, "--request-timeout: must be a number"),
-    (["--demo", "--model-path", "/data/OpenELM-3B-Instruct"], {}, "--demo serves a model and tokenizer of its own"),
-])
+@pytest.mark.parametrize(
+    "flags, env, expected",
+    [
+        (["--port", "70000"], {}, "--port: must be a port number from 1 to 65535, got 70000"),
+        (["--port", "0"], {}, "got 0"),
+        ([], {"PORT": "http"}, "--port: must be a whole number, got 'http'"),
+        (["--request-timeout", "soon"], {}, "--request-timeout: must be a number"),
+        (["--demo", "--model-path", "/data/OpenELM-3B-Instruct"], {}, "--demo serves a model and tokenizer of its own"),
+    ],
+)
 def test_bad_settings_are_one_line(flags, env, expected):
     result = run_api(*flags, env=env)
     assert result.returncode == 2
@@ -85,6 +97,7 @@ def test_bad_settings_are_one_line(flags, env, expected):
 
 
 # ---- errors found before the model loads ---------------------------------------------------------
+
 
 def test_port_in_use_is_reported_before_loading(serving_dirs):
     with socket.socket() as busy:
@@ -98,8 +111,16 @@ def test_port_in_use_is_reported_before_loading(serving_dirs):
 
 def test_host_that_is_not_this_machine(serving_dirs):
     model_dir, tokenizer_dir = serving_dirs
-    result = run_api("--model-path", str(model_dir), "--tokenizer-path", str(tokenizer_dir),
-                     "--host", "192.0.2.123", "--port", str(free_port()))  # TEST-NET-1: never a local address
+    result = run_api(
+        "--model-path",
+        str(model_dir),
+        "--tokenizer-path",
+        str(tokenizer_dir),
+        "--host",
+        "192.0.2.123",
+        "--port",
+        str(free_port()),
+    )  # TEST-NET-1: never a local address
     assert_one_error_line(result, "--host 192.0.2.123", "not an address of this machine")
     assert LOADING not in result.stdout
 
@@ -142,6 +163,7 @@ def test_missing_chat_template_file(tmp_path, serving_dirs):
 
 # ---- the start-up log -----------------------------------------------------------------------------
 
+
 def test_start_up_log_says_where_to_open_it(start_server, serving_dirs):
     server = start_server(*serving_dirs, "--max-batch-size", "2")
     log = server.log()
@@ -150,7 +172,7 @@ def test_start_up_log_says_where_to_open_it(start_server, serving_dirs):
     # The weights: a line before loading, a progress bar, the time it took.
     assert log.index(LOADING) < log.index("Loading weights") < log.index("loaded OpenELM")
     assert "100%" in log
-    assert " s\n" in log[log.index("loaded OpenELM"):]
+    assert " s\n" in log[log.index("loaded OpenELM") :]
     # uvicorn's normal lines read as what they are, not as errors.
     assert "uvicorn.error" not in log and "uvicorn: Application startup complete" in log
 
@@ -184,14 +206,20 @@ def test_request_id_comes_before_the_tutorial_line(server):
 
 # ---- the demo -------------------------------------------------------------------------------------
 
+
 def test_demo_serves_without_a_download(start_server, tmp_path):
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
     server = start_server(None, None, "--demo", env=env)
-    answer = requests.post(server.url, json={"prompt": "你好，请介绍一下你自己。", "max_new_tokens": 4}, timeout=60).json()
+    answer = requests.post(
+        server.url, json={"prompt": "你好，请介绍一下你自己。", "max_new_tokens": 4}, timeout=60
+    ).json()
     assert answer["status"] == 200 and answer["response"].startswith("你好，请介绍一下你自己。")
     assert requests.get(server.url + "/v1/models", timeout=10).json()["data"][0]["id"] == "OpenELM-demo"
-    chat = requests.post(server.url + "/v1/chat/completions", timeout=60, json={
-        "model": "OpenELM-3B-Instruct", "messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 4})
+    chat = requests.post(
+        server.url + "/v1/chat/completions",
+        timeout=60,
+        json={"model": "OpenELM-3B-Instruct", "messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 4},
+    )
     assert chat.status_code == 200
     assert "demo: a tiny random-weight model" in server.log()
     demo_dir = tmp_path / "cache" / "openelm-server" / "demo"
@@ -214,4 +242,3 @@ def test_demo_files_are_made_once(tmp_path):
     assert prepare_demo(tmp_path / "demo") == (model_dir, tokenizer_dir)
     assert (model_dir / "model.safetensors").stat().st_mtime_ns == made
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # nothing left from the building
-

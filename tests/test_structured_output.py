@@ -9,7 +9,6 @@ import json
 import jsonschema
 import pytest
 
-
 MESSAGES = [{"role": "user", "content": "A person, as JSON."}]
 # Bounded strings and numbers, so that even a random model's answer ends within max_tokens.
 PERSON = {
@@ -31,12 +30,30 @@ def test_json_schema_answers_always_validate(app):
     """50 answers sampled at temperature 1, on both routes."""
     answers = []
     for seed in range(4):
-        chat = app.post_ok("/v1/chat/completions", {"messages": MESSAGES, "response_format": JSON_SCHEMA, "n": 8,
-                                                  "max_tokens": 120, "temperature": 1.0, "seed": seed * 100})
+        chat = app.post_ok(
+            "/v1/chat/completions",
+            {
+                "messages": MESSAGES,
+                "response_format": JSON_SCHEMA,
+                "n": 8,
+                "max_tokens": 120,
+                "temperature": 1.0,
+                "seed": seed * 100,
+            },
+        )
         answers += [(c["message"]["content"], c["finish_reason"]) for c in chat["choices"]]
     for seed in range(3):
-        completion = app.post_ok("/v1/completions", {"prompt": "Person:", "response_format": JSON_SCHEMA, "n": 6,
-                                                   "max_tokens": 120, "temperature": 1.0, "seed": seed * 100})
+        completion = app.post_ok(
+            "/v1/completions",
+            {
+                "prompt": "Person:",
+                "response_format": JSON_SCHEMA,
+                "n": 6,
+                "max_tokens": 120,
+                "temperature": 1.0,
+                "seed": seed * 100,
+            },
+        )
         answers += [(c["text"], c["finish_reason"]) for c in completion["choices"]]
     assert len(answers) == 50
     for text, finish_reason in answers:
@@ -54,8 +71,10 @@ def test_json_schema_stream_equals_the_whole_answer(app):
 
 
 def test_json_object_answers_are_objects(app):
-    result = app.post_ok("/v1/chat/completions", {"messages": MESSAGES, "response_format": {"type": "json_object"},
-                                                "max_tokens": 24, "temperature": 0})
+    result = app.post_ok(
+        "/v1/chat/completions",
+        {"messages": MESSAGES, "response_format": {"type": "json_object"}, "max_tokens": 24, "temperature": 0},
+    )
     text = result["choices"][0]["message"]["content"]
     assert text.startswith("{")
     if result["choices"][0]["finish_reason"] == "stop":
@@ -64,29 +83,38 @@ def test_json_object_answers_are_objects(app):
 
 def test_text_format_is_unconstrained(app):
     plain = app.post_ok("/v1/completions", {"prompt": "Person:", "max_tokens": 8, "temperature": 0})
-    text = app.post_ok("/v1/completions", {"prompt": "Person:", "max_tokens": 8, "temperature": 0,
-                                         "response_format": {"type": "text"}})
+    text = app.post_ok(
+        "/v1/completions", {"prompt": "Person:", "max_tokens": 8, "temperature": 0, "response_format": {"type": "text"}}
+    )
     assert text["choices"][0]["text"] == plain["choices"][0]["text"]
 
 
 def test_json_schema_with_the_openai_sdk(app):
     async def call(client):
-        return await client.chat.completions.create(model=app.model, messages=MESSAGES, response_format=JSON_SCHEMA,
-                                                    max_tokens=120, temperature=1.0, seed=9)
+        return await client.chat.completions.create(
+            model=app.model, messages=MESSAGES, response_format=JSON_SCHEMA, max_tokens=120, temperature=1.0, seed=9
+        )
 
     answer = app.sdk(call).choices[0].message.content
     jsonschema.validate(json.loads(answer), PERSON)
 
 
-@pytest.mark.parametrize("response_format, param", [
-    ({"type": "xml"}, "response_format.type"),
-    ("json", "response_format.type"),
-    ({"type": "json_schema"}, "response_format.json_schema.schema"),
-    ({"type": "json_schema", "json_schema": {"name": "x", "schema": "not a schema"}},
-     "response_format.json_schema.schema"),
-    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strange"}}},
-     "response_format.json_schema.schema"),
-])
+@pytest.mark.parametrize(
+    "response_format, param",
+    [
+        ({"type": "xml"}, "response_format.type"),
+        ("json", "response_format.type"),
+        ({"type": "json_schema"}, "response_format.json_schema.schema"),
+        (
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": "not a schema"}},
+            "response_format.json_schema.schema",
+        ),
+        (
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strange"}}},
+            "response_format.json_schema.schema",
+        ),
+    ],
+)
 def test_bad_response_formats_are_400(app, response_format, param):
     response = app.post("/v1/chat/completions", {"messages": MESSAGES, "response_format": response_format})
     assert response.status_code == 400, response.text

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-
 PROMPT = "Once upon a time there was"
 
 
@@ -55,16 +54,19 @@ def test_streamed_token_id_prompts(app):
         assert streamed == choice["text"]
 
 
-@pytest.mark.parametrize("prompt, param", [
-    ([1, 10 ** 9], "prompt.1"),
-    ([[1, 2], [1, 5, 10 ** 6]], "prompt.1.2"),
-    (["text", [1, 2]], None),
-    ([1, -1], None),
-    ([[]], None),
-    ([], None),
-    ([1, 2.5], None),
-    ([1, True], None),
-])
+@pytest.mark.parametrize(
+    "prompt, param",
+    [
+        ([1, 10**9], "prompt.1"),
+        ([[1, 2], [1, 5, 10**6]], "prompt.1.2"),
+        (["text", [1, 2]], None),
+        ([1, -1], None),
+        ([[]], None),
+        ([], None),
+        ([1, 2.5], None),
+        ([1, True], None),
+    ],
+)
 def test_bad_token_ids_are_400_naming_the_field(app, prompt, param):
     response = app.post("/v1/completions", {"prompt": prompt, "max_tokens": 2})
     assert response.status_code == 400, response.text

@@ -9,22 +9,33 @@ import jsonschema
 import openai
 import pytest
 
-
 MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
-WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
-                                             "unit": {"enum": ["celsius", "fahrenheit"]}},
-           "required": ["city", "unit"], "additionalProperties": False}
-TIME = {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
-        "additionalProperties": False}
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city.",
-                                           "parameters": WEATHER}},
-         {"type": "function", "function": {"name": "get_time", "description": "Time in a zone.", "parameters": TIME}}]
+WEATHER = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+TIME = {
+    "type": "object",
+    "properties": {"zone": {"enum": ["UTC", "CET"]}},
+    "required": ["zone"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {
+        "type": "function",
+        "function": {"name": "get_weather", "description": "Weather in a city.", "parameters": WEATHER},
+    },
+    {"type": "function", "function": {"name": "get_time", "description": "Time in a zone.", "parameters": TIME}},
+]
 SCHEMAS = {"get_weather": WEATHER, "get_time": TIME}
 
 
 def chat(app, **body) -> dict:
-    response = app.post("/v1/chat/completions", {"messages": MESSAGES, "tools": TOOLS, "max_tokens": 80,
-                                                 "temperature": 1.0, **body})
+    response = app.post(
+        "/v1/chat/completions", {"messages": MESSAGES, "tools": TOOLS, "max_tokens": 80, "temperature": 1.0, **body}
+    )
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -56,9 +67,13 @@ def test_tool_choice_none_answers_in_text(app):
 
 def test_tool_call_with_the_openai_sdk(app):
     async def call(client):
-        return await client.chat.completions.create(model=app.model, messages=MESSAGES, tools=TOOLS, max_tokens=80,
-                                                    tool_choice={"type": "function",
-                                                                 "function": {"name": "get_time"}})
+        return await client.chat.completions.create(
+            model=app.model,
+            messages=MESSAGES,
+            tools=TOOLS,
+            max_tokens=80,
+            tool_choice={"type": "function", "function": {"name": "get_time"}},
+        )
 
     (call,) = app.sdk(call).choices[0].message.tool_calls
     assert call.function.name == "get_time"
@@ -75,17 +90,25 @@ def test_auto_is_refused_with_why(app):
     assert error.body["param"] == "tool_choice" and "not supported" in error.body["message"]
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"tool_choice": "auto"}, "tool_choice"),
-    ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
-    ({"tool_choice": "required", "tools": [{"type": "function"}]}, "tools.0"),
-    ({"tool_choice": "required", "tools": "x"}, "tools"),
-    ({"tool_choice": "required", "tools": None}, "tools"),
-    ({"tool_choice": "required", "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "x"}}}]},
-     "tools.0.function.parameters"),
-    ({"tool_choice": "required", "stream": True}, "stream"),
-    ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"tool_choice": "auto"}, "tool_choice"),
+        ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+        ({"tool_choice": "required", "tools": [{"type": "function"}]}, "tools.0"),
+        ({"tool_choice": "required", "tools": "x"}, "tools"),
+        ({"tool_choice": "required", "tools": None}, "tools"),
+        (
+            {
+                "tool_choice": "required",
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "x"}}}],
+            },
+            "tools.0.function.parameters",
+        ),
+        ({"tool_choice": "required", "stream": True}, "stream"),
+        ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
+    ],
+)
 def test_bad_tool_requests_are_400(app, body, param):
     response = app.post("/v1/chat/completions", {"messages": MESSAGES, "tools": TOOLS, **body})
     assert response.status_code == 400, response.text

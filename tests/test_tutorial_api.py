@@ -46,8 +46,11 @@ def test_default_is_greedy_to_max_length_384(server, tokenizer):
     prompt = "The quick brown fox"
     body = post(server, {"prompt": prompt}).json()
     prompt_tokens = len(tokenizer(prompt).input_ids)
-    completion = requests.post(server.url + "/v1/completions", timeout=60, json={
-        "prompt": prompt, "temperature": 0, "max_tokens": 384 - prompt_tokens}).json()
+    completion = requests.post(
+        server.url + "/v1/completions",
+        timeout=60,
+        json={"prompt": prompt, "temperature": 0, "max_tokens": 384 - prompt_tokens},
+    ).json()
     assert body["response"] == prompt + completion["choices"][0]["text"]
     if completion["choices"][0]["finish_reason"] == "length":
         assert completion["usage"]["total_tokens"] == 384
@@ -67,24 +70,37 @@ def test_max_new_tokens_wins_over_max_length(server):
 
 def test_curl_as_in_the_tutorial(server):
     for extra in ([], ["-H", "Content-Type: application/json"]):
-        output = subprocess.run(["curl", "-s", "-X", "POST", server.url, *extra, "-d", '{"prompt": "你好"}'],
-                                capture_output=True, text=True, timeout=60, check=True).stdout
+        output = subprocess.run(
+            ["curl", "-s", "-X", "POST", server.url, *extra, "-d", '{"prompt": "你好"}'],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
         body = json.loads(output)
         assert body["status"] == 200 and body["response"].startswith("你好")
 
 
 def test_sampling_with_seed_is_reproducible(server):
-    body = {"prompt": "Once", "do_sample": True, "temperature": 0.9, "top_p": 0.9, "top_k": 40,
-            "repetition_penalty": 1.2, "seed": 7, "max_new_tokens": 20}
+    body = {
+        "prompt": "Once",
+        "do_sample": True,
+        "temperature": 0.9,
+        "top_p": 0.9,
+        "top_k": 40,
+        "repetition_penalty": 1.2,
+        "seed": 7,
+        "max_new_tokens": 20,
+    }
     assert post(server, body).json()["response"] == post(server, body).json()["response"]
 
 
 def test_stop_string_cuts_the_response(server):
     full = post(server, {"prompt": "Once upon", "max_new_tokens": 24}).json()["response"]
-    continuation = full[len("Once upon"):]
+    continuation = full[len("Once upon") :]
     stop = continuation[4:9]
     cut = post(server, {"prompt": "Once upon", "max_new_tokens": 24, "stop": stop}).json()["response"]
-    assert cut == full[:len("Once upon") + continuation.index(stop)]
+    assert cut == full[: len("Once upon") + continuation.index(stop)]
 
 
 def test_streaming_plain_text_equals_the_response(server):
@@ -105,8 +121,9 @@ def test_unknown_fields_are_ignored(server):
 def test_log_line_as_in_the_tutorial(server):
     post(server, {"prompt": "log me please", "max_new_tokens": 3})
     time.sleep(0.2)
-    assert re.search(r'\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] ", prompt:"log me please", response:"\'log me please',
-                     server.log())
+    assert re.search(
+        r'\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] ", prompt:"log me please", response:"\'log me please', server.log()
+    )
 
 
 def test_health_answers_during_a_long_generation(server):
@@ -202,19 +219,30 @@ def test_server_still_serves_after_all_that(server):
 
 # ---- start-up ------------------------------------------------------------------------------
 
+
 def run_api(*args, timeout=60):
-    from conftest import ROOT
     import sys
 
-    return subprocess.run([sys.executable, str(ROOT / "api.py"), *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+    from conftest import ROOT
+
+    return subprocess.run(
+        [sys.executable, str(ROOT / "api.py"), *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
 
 
 def test_help_documents_every_setting():
     output = run_api("--help").stdout
-    for flag, env in [("--model-path", "MODEL_PATH"), ("--tokenizer-path", "TOKENIZER_PATH"), ("--host", "HOST"),
-                      ("--port", "PORT"), ("--device", "DEVICE"), ("--dtype", "DTYPE"),
-                      ("--max-batch-size", "MAX_BATCH_SIZE"), ("--max-queue", "MAX_QUEUE"), ("--api-key", "API_KEY")]:
+    for flag, env in [
+        ("--model-path", "MODEL_PATH"),
+        ("--tokenizer-path", "TOKENIZER_PATH"),
+        ("--host", "HOST"),
+        ("--port", "PORT"),
+        ("--device", "DEVICE"),
+        ("--dtype", "DTYPE"),
+        ("--max-batch-size", "MAX_BATCH_SIZE"),
+        ("--max-queue", "MAX_QUEUE"),
+        ("--api-key", "API_KEY"),
+    ]:
         assert flag in output and env in output
     assert "6006" in output and "/root/autodl-tmp/OpenELM-3B-Instruct" in output
 
@@ -239,8 +267,7 @@ def test_cuda_asked_for_without_a_gpu(serving_dirs):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    result = run_api("--model-path", str(serving_dirs[0]), "--tokenizer-path", str(serving_dirs[1]),
-                     "--device", "cuda")
+    result = run_api("--model-path", str(serving_dirs[0]), "--tokenizer-path", str(serving_dirs[1]), "--device", "cuda")
     assert result.returncode != 0 and "no CUDA GPU" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -252,10 +279,12 @@ def test_bad_flag_values_are_refused():
 
 
 def test_settings_from_environment_and_flags():
-    from openelm_server.settings import load_settings
+    from openelm_server.config import load_settings
 
-    settings = load_settings(["--port", "7000"], {"PORT": "8000", "MODEL_PATH": "/m/OpenELM-3B-Instruct",
-                                                   "DEVICE": "cpu", "LOG_PROMPTS": "0"})
+    settings = load_settings(
+        ["--port", "7000"],
+        {"PORT": "8000", "MODEL_PATH": "/m/OpenELM-3B-Instruct", "DEVICE": "cpu", "LOG_PROMPTS": "0"},
+    )
     assert settings.port == 7000 and settings.device == "cpu" and not settings.log_prompts
     assert settings.model_name == "OpenELM-3B-Instruct"
     defaults = load_settings([], {})

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 import requests
 
-sync_api = pytest.importorskip("playwright.sync_api",
-                               reason="playwright is not installed (pip install -r requirements-test.txt)")
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="playwright is not installed (pip install -r requirements-test.txt)"
+)
 expect = sync_api.expect
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -49,8 +50,9 @@ def page_server(start_server, own_model_dir, own_tokenizer_dir):
 
 @pytest.fixture(scope="module")
 def key_server(start_server, own_model_dir, own_tokenizer_dir):
-    return start_server(own_model_dir, own_tokenizer_dir, "--max-batch-size", "2", "--max-model-len", "512",
-                        "--api-key", API_KEY)
+    return start_server(
+        own_model_dir, own_tokenizer_dir, "--max-batch-size", "2", "--max-model-len", "512", "--api-key", API_KEY
+    )
 
 
 class Console:
@@ -142,8 +144,7 @@ def test_an_answer_streams_in_with_its_numbers(open_page, page_server):
     send(page, "And then?")  # the history goes along: a second answer under the first
     wait_answered(page)
     expect(page.get_by_test_id("answer")).to_have_count(2)
-    expect(page.get_by_test_id("server-state")).to_contain_text("running 0 · waiting 0 · KV cache 0/4",
-                                                                timeout=WAIT_MS)
+    expect(page.get_by_test_id("server-state")).to_contain_text("running 0 · waiting 0 · KV cache 0/4", timeout=WAIT_MS)
 
 
 def test_stop_cancels_the_answer_on_the_server(open_page, page_server):
@@ -207,7 +208,8 @@ def test_injected_html_is_rendered_as_text(open_page, page_server):
     """The renderer, as the page loads it, on hostile text; with the page's Content-Security-Policy
     bypassed, so that the escaping alone must hold."""
     page, _ = open_page(page_server.url, bypass_csp=True)
-    rendered = page.evaluate("""async (texts) => {
+    rendered = page.evaluate(
+        """async (texts) => {
         const { renderMarkdown } = await import("/webui/markdown.js");
         return texts.map((text) => {
             const node = document.createElement("div");
@@ -218,7 +220,9 @@ def test_injected_html_is_rendered_as_text(open_page, page_server):
                      handlers: [...node.querySelectorAll("*")].flatMap((e) => e.getAttributeNames()
                                   .filter((name) => name.startsWith("on"))) };
         });
-    }""", INJECTIONS)
+    }""",
+        INJECTIONS,
+    )
     for text, result in zip(INJECTIONS, rendered):
         assert set(result["tags"]) <= {"p", "strong", "em", "code", "pre", "a", "br"}, (text, result)
         assert result["handlers"] == [], (text, result)
@@ -239,11 +243,15 @@ def test_injected_html_is_rendered_as_text(open_page, page_server):
 
 def test_markdown_renders(open_page, page_server):
     page, _ = open_page(page_server.url)
-    html = page.evaluate("""async () => (await import("/webui/markdown.js")).renderMarkdown(
-        "# Title\\nSome **bold** and *it* and `x < y`.\\n\\n- one\\n- two\\n\\n1. first\\n\\n```py\\nif a < b:\\n    pass\\n```")""")
-    assert html == ("<h3>Title</h3><p>Some <strong>bold</strong> and <em>it</em> and <code>x &lt; y</code>.</p>"
-                    "<ul><li>one</li><li>two</li></ul><ol><li>first</li></ol>"
-                    "<pre><code>if a &lt; b:\n    pass\n</code></pre>")
+    markdown = (
+        "# Title\nSome **bold** and *it* and `x < y`.\n\n- one\n- two\n\n1. first\n\n```py\nif a < b:\n    pass\n```"
+    )
+    html = page.evaluate("""async (text) => (await import("/webui/markdown.js")).renderMarkdown(text)""", markdown)
+    assert html == (
+        "<h3>Title</h3><p>Some <strong>bold</strong> and <em>it</em> and <code>x &lt; y</code>.</p>"
+        "<ul><li>one</li><li>two</li></ul><ol><li>first</li></ol>"
+        "<pre><code>if a &lt; b:\n    pass\n</code></pre>"
+    )
 
 
 def test_utf8_split_across_network_chunks_renders_whole(open_page, page_server):
@@ -251,7 +259,8 @@ def test_utf8_split_across_network_chunks_renders_whole(open_page, page_server):
     the user's bubble."""
     page, _ = open_page(page_server.url)
     text = "你好，世界！🦊👩‍💻 ok"
-    pieces = page.evaluate("""async (text) => {
+    pieces = page.evaluate(
+        """async (text) => {
         const { readSse } = await import("/webui/sse.js");
         const bytes = new TextEncoder().encode(`data: ${JSON.stringify({ t: text })}\\n\\ndata: [DONE]\\n\\n`);
         const results = [];
@@ -265,7 +274,9 @@ def test_utf8_split_across_network_chunks_renders_whole(open_page, page_server):
             results.push(events);
         }
         return results;
-    }""", text)
+    }""",
+        text,
+    )
     for events in pieces:
         assert events[-1] == "[DONE]"
         assert events[:-1] == ['{"t":"' + text + '"}']
@@ -292,19 +303,33 @@ def test_raw_completion_shows_prompt_and_continuation(open_page, page_server):
 def test_settings_reach_the_server_and_its_errors_show(open_page, page_server):
     page, console = open_page(page_server.url)
     requests_sent = []
-    page.on("request", lambda request: request.url.endswith("/v1/chat/completions")
-            and requests_sent.append(request.post_data_json))
+    page.on(
+        "request",
+        lambda request: request.url.endswith("/v1/chat/completions") and requests_sent.append(request.post_data_json),
+    )
     page.locator("#system").fill("You are terse.")
-    for field, value in [("temperature", "0.5"), ("top_p", "0.9"), ("top_k", "40"), ("max_tokens", "6"),
-                         ("repetition_penalty", "1.1"), ("seed", "7")]:
+    for field, value in [
+        ("temperature", "0.5"),
+        ("top_p", "0.9"),
+        ("top_k", "40"),
+        ("max_tokens", "6"),
+        ("repetition_penalty", "1.1"),
+        ("seed", "7"),
+    ]:
         set_field(page, field, value)
     page.locator("#stop").fill("\\n\nTHE END")
     send(page, "Hi")
     wait_answered(page)
     body = requests_sent[0]
     assert body["messages"] == [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi"}]
-    assert {k: body[k] for k in ("temperature", "top_p", "top_k", "max_tokens", "repetition_penalty", "seed")} == \
-        {"temperature": 0.5, "top_p": 0.9, "top_k": 40, "max_tokens": 6, "repetition_penalty": 1.1, "seed": 7}
+    assert {k: body[k] for k in ("temperature", "top_p", "top_k", "max_tokens", "repetition_penalty", "seed")} == {
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "top_k": 40,
+        "max_tokens": 6,
+        "repetition_penalty": 1.1,
+        "seed": 7,
+    }
     assert body["stop"] == ["\n", "THE END"] and body["stream"] is True
 
     set_field(page, "top_p", "5")  # out of range: the server's 400 is shown, not swallowed

@@ -9,8 +9,8 @@ import asyncio
 import httpx
 import pytest
 
-from openelm_server.app import create_app
-from openelm_server.settings import Settings, load_settings
+from openelm_server.config import Settings, load_settings
+from openelm_server.serving.app import create_app
 from openelm_server.startup import build_engine
 
 BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8"
@@ -19,8 +19,14 @@ API_KEY = "webui-key-0123"
 
 @pytest.fixture(scope="module")
 def built(own_model_dir, own_tokenizer_dir):
-    settings = Settings(model_path=str(own_model_dir), tokenizer_path=str(own_tokenizer_dir), device="cpu",
-                        max_batch_size=2, max_model_len=256, served_model_name="OpenELM-3B-Instruct")
+    settings = Settings(
+        model_path=str(own_model_dir),
+        tokenizer_path=str(own_tokenizer_dir),
+        device="cpu",
+        max_batch_size=2,
+        max_model_len=256,
+        served_model_name="OpenELM-3B-Instruct",
+    )
     engine, tokenizer = build_engine(settings)
     yield settings, engine, tokenizer
     engine.shutdown()
@@ -60,13 +66,19 @@ def test_no_webui_answers_the_description_even_to_a_browser(built):
     assert response.status_code == 200
     assert response.headers["content-type"] == "application/json"
     assert response.json()["web_page"] == "off (--no-webui)"
-    assert response.json()["links"] == {"docs": "/docs", "models": "/v1/models", "health": "/health",
-                                        "stats": "/stats"}
+    assert response.json()["links"] == {"docs": "/docs", "models": "/v1/models", "health": "/health", "stats": "/stats"}
     assert call(built, "GET", "/webui/app.js", webui=False).status_code == 404
 
 
-@pytest.mark.parametrize("name, media_type", [("app.js", "text/javascript"), ("markdown.js", "text/javascript"),
-                                              ("sse.js", "text/javascript"), ("style.css", "text/css")])
+@pytest.mark.parametrize(
+    "name, media_type",
+    [
+        ("app.js", "text/javascript"),
+        ("markdown.js", "text/javascript"),
+        ("sse.js", "text/javascript"),
+        ("style.css", "text/css"),
+    ],
+)
 def test_the_page_files_are_served_from_the_package(built, name, media_type, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # found beside the package, not in the working directory
     response = call(built, "GET", f"/webui/{name}")
@@ -114,9 +126,16 @@ def test_page_files_count_under_one_metrics_route(built):
 
 def test_stats_reports_the_live_state(built):
     body = call(built, "GET", "/stats").json()
-    assert body == {"model": "OpenELM-3B-Instruct", "requests_running": 0, "requests_waiting": 0,
-                    "kv_cache_slots_used": 0, "kv_cache_slots_total": 2, "kv_cache_usage": 0.0,
-                    "max_model_len": 256, "max_tokens_limit": 2048}
+    assert body == {
+        "model": "OpenELM-3B-Instruct",
+        "requests_running": 0,
+        "requests_waiting": 0,
+        "kv_cache_slots_used": 0,
+        "kv_cache_slots_total": 2,
+        "kv_cache_usage": 0.0,
+        "max_model_len": 256,
+        "max_tokens_limit": 2048,
+    }
 
 
 def test_webui_flag_and_env_twin():

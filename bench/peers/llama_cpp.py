@@ -5,9 +5,9 @@ from the llama.cpp source inside the ``llama-cpp-python`` source package on PyPI
 checkpoint with its own ``convert_hf_to_gguf.py``, checks that it gives the same greedy tokens
 as ours, and measures both with ``bench/serve_bench.py`` in one run.
 
-    python bench/peers/llama_cpp.py build       # once: the source package + a CMake build of llama-server (cached)
-    python bench/peers/llama_cpp.py check       # same greedy tokens as the shared reference, f32
-    python bench/peers/llama_cpp.py compare --size 270M --outtypes f32,bf16,q8_0 --concurrency 1,16
+    python -m bench.peers.llama_cpp build       # once: the source package + a CMake build of llama-server (cached)
+    python -m bench.peers.llama_cpp check       # same greedy tokens as the shared reference, f32
+    python -m bench.peers.llama_cpp compare --size 270M --outtypes f32,bf16,q8_0 --concurrency 1,16
 
 The build lives in ``~/.cache/openelm-server/peers/`` (``--cache``): about 15 minutes on 2 cores
 the first time, seconds after. It is built for this machine's CPU (``GGML_NATIVE``), as a user of
@@ -28,14 +28,23 @@ import time
 from datetime import date
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from bench import serve_bench
+from bench.common import (
+    DEFAULT_TOKENIZER,
+    ServerProcess,
+    build_prompts,
+    free_port,
+    load_tokenizer,
+    machine_info,
+    now_iso,
+    parse_list,
+    parse_range,
+    versions,
+    write_json,
+)
+from openelm_server.model.openelm import OpenELMConfig
 
-from bench import serve_bench  # noqa: E402
-from bench.common import (DEFAULT_TOKENIZER, ServerProcess, build_prompts, free_port, load_tokenizer,  # noqa: E402
-                          machine_info, now_iso, parse_list, parse_range, versions, write_json)
-from openelm_server.openelm import OpenELMConfig  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 # The llama-cpp-python release whose vendored llama.cpp was tested here.
 LLAMA_CPP_PYTHON = "0.3.36"
@@ -57,8 +66,22 @@ def source_dir(cache: Path) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as download:
         log(f"downloading the llama-cpp-python {LLAMA_CPP_PYTHON} source package")
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-                        "-d", download, f"llama-cpp-python=={LLAMA_CPP_PYTHON}"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "-d",
+                download,
+                f"llama-cpp-python=={LLAMA_CPP_PYTHON}",
+            ],
+            check=True,
+        )
         archive = next(Path(download).glob("llama_cpp_python-*.tar.gz"))
         with tarfile.open(archive) as tar:
             tar.extractall(cache, filter="data")
@@ -72,11 +95,24 @@ def build(cache: Path, jobs: int) -> Path:
         return server
     source = source_dir(cache)
     log(f"building llama-server from {source} with {jobs} jobs (about 15 minutes on 2 cores)")
-    subprocess.run(["cmake", "-S", str(source), "-B", str(cache / "build"), "-DCMAKE_BUILD_TYPE=Release",
-                    "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-                    "-DLLAMA_BUILD_SERVER=ON", "-DGGML_NATIVE=ON"], check=True, stdout=subprocess.DEVNULL)
-    subprocess.run(["cmake", "--build", str(cache / "build"), "--target", "llama-server", "-j", str(jobs)],
-                   check=True)
+    subprocess.run(
+        [
+            "cmake",
+            "-S",
+            str(source),
+            "-B",
+            str(cache / "build"),
+            "-DCMAKE_BUILD_TYPE=Release",
+            "-DLLAMA_CURL=OFF",
+            "-DLLAMA_BUILD_TESTS=OFF",
+            "-DLLAMA_BUILD_EXAMPLES=OFF",
+            "-DLLAMA_BUILD_SERVER=ON",
+            "-DGGML_NATIVE=ON",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    subprocess.run(["cmake", "--build", str(cache / "build"), "--target", "llama-server", "-j", str(jobs)], check=True)
     return server
 
 
@@ -100,9 +136,20 @@ def convert(cache: Path, model_dir: Path, tokenizer_dir: Path, outtype: str) -> 
             if item.is_file():
                 shutil.copy(item, staging / item.name)
         log(f"converting {model_dir} to {outtype} GGUF")
-        subprocess.run([sys.executable, str(source_dir(cache) / "convert_hf_to_gguf.py"), str(staging),
-                        "--outtype", outtype, "--outfile", str(target)], check=True, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                str(source_dir(cache) / "convert_hf_to_gguf.py"),
+                str(staging),
+                "--outtype",
+                outtype,
+                "--outfile",
+                str(target),
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
     return target
 
 
@@ -110,29 +157,61 @@ def published_layout(raw: dict) -> dict:
     """The config as Apple publishes it, with every per-layer list written out, from the compact
     form that bench/make_checkpoint.py writes (a published config comes back unchanged)."""
     config = OpenELMConfig.from_dict(raw)
-    return {**raw, "architectures": ["OpenELMForCausalLM"], "num_query_heads": list(config.num_query_heads),
-            "num_kv_heads": list(config.num_kv_heads),
-            # per-layer multipliers whose rounding gives back exactly the FFN widths
-            "ffn_multipliers": [width / config.model_dim for width in config.ffn_dims],
-            "ffn_dim_divisor": int(raw.get("ffn_dim_divisor", 256))}
+    return {
+        **raw,
+        "architectures": ["OpenELMForCausalLM"],
+        "num_query_heads": list(config.num_query_heads),
+        "num_kv_heads": list(config.num_kv_heads),
+        # per-layer multipliers whose rounding gives back exactly the FFN widths
+        "ffn_multipliers": [width / config.model_dim for width in config.ffn_dims],
+        "ffn_dim_divisor": int(raw.get("ffn_dim_divisor", 256)),
+    }
 
 
-def start_llama_server(server: Path, gguf: Path, slots: int, context: int, threads: int,
-                       log_path: Path) -> ServerProcess:
+def start_llama_server(
+    server: Path, gguf: Path, slots: int, context: int, threads: int, log_path: Path
+) -> ServerProcess:
     """As its README serves many users: ``--parallel`` slots sharing ``--ctx-size`` tokens."""
     port = free_port()
-    command = [str(server), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "--parallel", str(slots),
-               "--ctx-size", str(slots * context), "--threads", str(threads), "--threads-batch", str(threads),
-               "--cont-batching", "--no-webui"]
+    command = [
+        str(server),
+        "-m",
+        str(gguf),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--parallel",
+        str(slots),
+        "--ctx-size",
+        str(slots * context),
+        "--threads",
+        str(threads),
+        "--threads-batch",
+        str(threads),
+        "--cont-batching",
+        "--no-webui",
+    ]
     return ServerProcess(command, port, log_path)
 
 
 def greedy_tokens(url: str, prompt_ids: list[int], new_tokens: int) -> list[int]:
     import httpx
 
-    response = httpx.post(url + "/completion", timeout=120, json={
-        "prompt": prompt_ids, "n_predict": new_tokens, "temperature": 0, "top_k": 1, "cache_prompt": False,
-        "return_tokens": True, "ignore_eos": True, "samplers": ["top_k"]})
+    response = httpx.post(
+        url + "/completion",
+        timeout=120,
+        json={
+            "prompt": prompt_ids,
+            "n_predict": new_tokens,
+            "temperature": 0,
+            "top_k": 1,
+            "cache_prompt": False,
+            "return_tokens": True,
+            "ignore_eos": True,
+            "samplers": ["top_k"],
+        },
+    )
     response.raise_for_status()
     return response.json()["tokens"]
 
@@ -166,37 +245,76 @@ def compare(args: argparse.Namespace) -> int:
     server_binary = build(args.cache, args.jobs)
     tokenizer = load_tokenizer(args.tokenizer)
     concurrencies, counts = parse_list(args.concurrency), parse_list(args.num_requests)
-    prompts = build_prompts(max(counts), parse_range(args.input_len), parse_range(args.output_len), args.seed,
-                            tokenizer)
+    prompts = build_prompts(
+        max(counts), parse_range(args.input_len), parse_range(args.output_len), args.seed, tokenizer
+    )
     context = max(256, max(p.input_len + p.output_len for p in prompts))
-    results = {"benchmark": "llama.cpp side by side", "date": now_iso(), "machine": machine_info(),
-               "versions": {**versions(), "llama-cpp-python (llama.cpp source)": LLAMA_CPP_PYTHON},
-               "size": args.size, "threads": args.threads, "runs": []}
+    results = {
+        "benchmark": "llama.cpp side by side",
+        "date": now_iso(),
+        "machine": machine_info(),
+        "versions": {**versions(), "llama-cpp-python (llama.cpp source)": LLAMA_CPP_PYTHON},
+        "size": args.size,
+        "threads": args.threads,
+        "runs": [],
+    }
     checkpoints = {}
     for outtype in parse_list(args.outtypes, str):
         dtype = OUR_DTYPE[outtype] or "float32"
-        checkpoints.setdefault(dtype, ensure_checkpoint(args.out_dir / "checkpoints" / f"openelm-{args.size}-{dtype}",
-                                                        args.size, dtype))
+        checkpoints.setdefault(
+            dtype, ensure_checkpoint(args.out_dir / "checkpoints" / f"openelm-{args.size}-{dtype}", args.size, dtype)
+        )
         gguf = convert(args.cache, checkpoints[dtype], Path(args.tokenizer), outtype)
-        with start_llama_server(server_binary, gguf, max(concurrencies), context, args.threads,
-                                args.out_dir / f"{stem}-llama-{outtype}.log") as peer:
+        with start_llama_server(
+            server_binary, gguf, max(concurrencies), context, args.threads, args.out_dir / f"{stem}-llama-{outtype}.log"
+        ) as peer:
             peer.wait_ready()
             serve_bench.warm_up(peer.url)
-            for run in serve_bench.sweep(peer.url, prompts, concurrencies, None, counts, args.seed,
-                                         progress=not args.no_progress, server=peer, label=f"llama.cpp {outtype}",
-                                         log=log):
+            for run in serve_bench.sweep(
+                peer.url,
+                prompts,
+                concurrencies,
+                None,
+                counts,
+                args.seed,
+                progress=not args.no_progress,
+                server=peer,
+                label=f"llama.cpp {outtype}",
+                log=log,
+            ):
                 results["runs"].append({"server": "llama.cpp", "precision": outtype, **run})
         our_dtype = OUR_DTYPE[outtype]
         if our_dtype is None:
             continue
-        flags = ["--device", "cpu", "--dtype", our_dtype, "--max-batch-size", str(max(concurrencies)),
-                 "--max-model-len", str(context), *args.our_flags.split()]
-        ours = ServerProcess.openelm(checkpoints[dtype], args.tokenizer, flags, args.out_dir / f"{stem}-ours-{outtype}.log")
+        flags = [
+            "--device",
+            "cpu",
+            "--dtype",
+            our_dtype,
+            "--max-batch-size",
+            str(max(concurrencies)),
+            "--max-model-len",
+            str(context),
+            *args.our_flags.split(),
+        ]
+        ours = ServerProcess.openelm(
+            checkpoints[dtype], args.tokenizer, flags, args.out_dir / f"{stem}-ours-{outtype}.log"
+        )
         with ours:
             ours.wait_ready()
             serve_bench.warm_up(ours.url)
-            for run in serve_bench.sweep(ours.url, prompts, concurrencies, None, counts, args.seed,
-                                         progress=not args.no_progress, server=ours, label=f"ours {our_dtype}", log=log):
+            for run in serve_bench.sweep(
+                ours.url,
+                prompts,
+                concurrencies,
+                None,
+                counts,
+                args.seed,
+                progress=not args.no_progress,
+                server=ours,
+                label=f"ours {our_dtype}",
+                log=log,
+            ):
                 results["runs"].append({"server": "ours", "precision": our_dtype, **run})
     path = write_json(args.out_dir / f"{stem}.json", results)
     table = markdown(results)
@@ -207,11 +325,15 @@ def compare(args: argparse.Namespace) -> int:
 
 
 def markdown(results: dict) -> str:
-    lines = ["| server | precision | clients | output tok/s | TTFT p50 (ms) | TPOT p50 (ms) | ITL p99 (ms) |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| server | precision | clients | output tok/s | TTFT p50 (ms) | TPOT p50 (ms) | ITL p99 (ms) |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     for run in results["runs"]:
-        lines.append(f"| {run['server']} | {run['precision']} | {run['concurrency']} | {run['output_throughput']:.1f} | "
-                     f"{run['ttft_ms']['p50'] or 0:.0f} | {run['tpot_ms']['p50'] or 0:.0f} | {run['itl_ms']['p99'] or 0:.0f} |")
+        lines.append(
+            f"| {run['server']} | {run['precision']} | {run['concurrency']} | {run['output_throughput']:.1f} | "
+            f"{run['ttft_ms']['p50'] or 0:.0f} | {run['tpot_ms']['p50'] or 0:.0f} | {run['itl_ms']['p99'] or 0:.0f} |"
+        )
     return "\n".join(lines) + "\n"
 
 

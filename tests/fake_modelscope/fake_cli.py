@@ -127,7 +127,9 @@ class _FakeHubApi:
         _fail_if_asked()
         return _write(repo_id, file_path, local_dir)
 
-    def download_repo(self, repo_id, repo_type, *, local_dir=None, allow_patterns=None, ignore_patterns=None, **_ignored):
+    def download_repo(
+        self, repo_id, repo_type, *, local_dir=None, allow_patterns=None, ignore_patterns=None, **_ignored
+    ):
         from modelscope_hub._download import _matches_patterns
 
         _fail_if_asked()
@@ -230,3 +232,7 @@ def main(argv: list[str]) -> int:
     except ValueError as exc:  # ... and 2 on bad arguments
         print(f"ERROR: {exc}", file=sys.stderr)
         return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-from .detokenize import IncrementalDetokenizer, StopStringMatcher
-from .kv_cache import KVCache
-from .sampling import SamplingParams
+from openelm_server.engine.output import IncrementalDetokenizer, StopStringMatcher
+from openelm_server.engine.sampling import SamplingParams
+from openelm_server.model.kv_cache import KVCache
 
 
 class QueueFullError(Exception):

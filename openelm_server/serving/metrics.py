@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -13,17 +13,29 @@ TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1
 class Metrics:
     def __init__(self, engine_stats: Callable):
         self.registry = CollectorRegistry()
-        self.requests = Counter("openelm_http_requests", "HTTP requests by route and status",
-                                ["route", "status"], registry=self.registry)
+        self.requests = Counter(
+            "openelm_http_requests", "HTTP requests by route and status", ["route", "status"], registry=self.registry
+        )
         self.prompt_tokens = Counter("openelm_prompt_tokens", "Prompt tokens processed", registry=self.registry)
         self.generation_tokens = Counter("openelm_generation_tokens", "Tokens generated", registry=self.registry)
-        self.time_to_first_token = Histogram("openelm_time_to_first_token_seconds", "Time to first token",
-                                             buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.time_per_output_token = Histogram("openelm_time_per_output_token_seconds",
-                                               "Time between output tokens after the first",
-                                               buckets=TOKEN_LATENCY_BUCKETS, registry=self.registry)
-        self.request_latency = Histogram("openelm_e2e_request_latency_seconds", "End-to-end generation latency",
-                                         buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.time_to_first_token = Histogram(
+            "openelm_time_to_first_token_seconds",
+            "Time to first token",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.time_per_output_token = Histogram(
+            "openelm_time_per_output_token_seconds",
+            "Time between output tokens after the first",
+            buckets=TOKEN_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.request_latency = Histogram(
+            "openelm_e2e_request_latency_seconds",
+            "End-to-end generation latency",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         waiting = Gauge("openelm_requests_waiting", "Requests waiting for a KV-cache slot", registry=self.registry)
         running = Gauge("openelm_requests_running", "Requests generating", registry=self.registry)
         kv_usage = Gauge("openelm_kv_cache_usage_ratio", "Fraction of KV-cache slots in use", registry=self.registry)
@@ -34,8 +46,9 @@ class Metrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    def observe_generation(self, prompt_tokens: int, completion_tokens: int, start: float,
-                           first_token: float | None, end: float) -> None:
+    def observe_generation(
+        self, prompt_tokens: int, completion_tokens: int, start: float, first_token: float | None, end: float
+    ) -> None:
         self.prompt_tokens.inc(prompt_tokens)
         self.generation_tokens.inc(completion_tokens)
         self.request_latency.observe(end - start)

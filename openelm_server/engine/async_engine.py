@@ -13,15 +13,16 @@ import logging
 import threading
 import uuid
 from dataclasses import dataclass
+
 import torch
 
-from .cuda_graphs import StaticDecoder
-from .detokenize import IncrementalDetokenizer, StopStringMatcher
-from .logprobs import TokenLogprob, log_softmax, prompt_logprobs, token_logprobs
-from .openelm import ForwardBatch, OpenELM
-from .sampling import SamplingParams, SamplingRow, new_generator, sample
-from .scheduler import QueueFullError, Scheduler, Sequence
-from .structured import Grammars
+from openelm_server.engine.cuda_graphs import StaticDecoder
+from openelm_server.engine.logprobs import TokenLogprob, log_softmax, prompt_logprobs, token_logprobs
+from openelm_server.engine.output import IncrementalDetokenizer, StopStringMatcher
+from openelm_server.engine.sampling import SamplingParams, SamplingRow, new_generator, sample
+from openelm_server.engine.scheduler import QueueFullError, Scheduler, Sequence
+from openelm_server.engine.structured import Grammars
+from openelm_server.model.openelm import ForwardBatch, OpenELM
 
 log = logging.getLogger(__name__)
 
@@ -90,13 +91,13 @@ class RequestStream:
     """Events of one request until it finishes. ``cancel()`` (or closing the stream early)
     stops the generation and frees its cache slot at the next step."""
 
-    def __init__(self, engine: "Engine", request_id: str, sink: _AsyncSink):
+    def __init__(self, engine: Engine, request_id: str, sink: _AsyncSink):
         self.engine = engine
         self.request_id = request_id
         self._sink = sink
         self.finished = False
 
-    def __aiter__(self) -> "RequestStream":
+    def __aiter__(self) -> RequestStream:
         return self
 
     async def __anext__(self) -> GenerationEvent:
@@ -115,8 +116,9 @@ class RequestStream:
 class Engine:
     def __init__(self, model: OpenELM, tokenizer, config: EngineConfig):
         if config.max_model_len > model.config.max_context_length:
-            raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context "
-                             f"of {model.config.max_context_length}")
+            raise ValueError(
+                f"max_model_len {config.max_model_len} exceeds the model's context of {model.config.max_context_length}"
+            )
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
@@ -135,9 +137,14 @@ class Engine:
         self._aborted: set[str] = set()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        log.info("KV cache: %d slots x %d tokens, %.1f MiB on %s; decode %s", config.max_batch_size,
-                 config.max_model_len, self.kv_cache.nbytes / 2**20, self.device,
-                 "with CUDA graphs" if use_graphs else "eager")
+        log.info(
+            "KV cache: %d slots x %d tokens, %.1f MiB on %s; decode %s",
+            config.max_batch_size,
+            config.max_model_len,
+            self.kv_cache.nbytes / 2**20,
+            self.device,
+            "with CUDA graphs" if use_graphs else "eager",
+        )
 
     # ---- called from any thread -------------------------------------------------------
 
@@ -153,8 +160,12 @@ class Engine:
 
     def stats(self) -> EngineStats:
         with self._lock:
-            return EngineStats(len(self.scheduler.waiting), len(self.scheduler.running),
-                               self.kv_cache.used_slot_count, self.kv_cache.num_slots)
+            return EngineStats(
+                len(self.scheduler.waiting),
+                len(self.scheduler.running),
+                self.kv_cache.used_slot_count,
+                self.kv_cache.num_slots,
+            )
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, deliver, request_id: str | None = None) -> str:
         """Queue a request; ``deliver`` gets its events on the engine thread. Raises
@@ -163,11 +174,16 @@ class Engine:
         if not prompt_ids:
             raise ValueError("the prompt has no tokens")
         if len(prompt_ids) + params.max_new_tokens > self.config.max_model_len:
-            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) "
-                             f"exceeds the context of {self.config.max_model_len} tokens")
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) "
+                f"exceeds the context of {self.config.max_model_len} tokens"
+            )
         request_id = request_id or uuid.uuid4().hex
         sequence = Sequence(
-            request_id=request_id, prompt_ids=list(prompt_ids), params=params, deliver=deliver,
+            request_id=request_id,
+            prompt_ids=list(prompt_ids),
+            params=params,
+            deliver=deliver,
             detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids),
             stop_matcher=StopStringMatcher(params.stop),
             generator=None if params.greedy else new_generator(params.seed, self.device),
@@ -185,8 +201,7 @@ class Engine:
             self._aborted.add(request_id)
         self._wakeup.set()
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams,
-                 request_id: str | None = None) -> "RequestStream":
+    def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> RequestStream:
         """Queue a request now (so that a full queue or an oversized request raises here,
         before any answer is sent) and return the async iterator of its events."""
         sink = _AsyncSink(asyncio.get_running_loop())
@@ -260,28 +275,35 @@ class Engine:
         longest = max(lengths)
         tokens = torch.zeros(len(sequences), longest, dtype=torch.long)
         for row, sequence in enumerate(sequences):
-            tokens[row, :lengths[row]] = torch.tensor(sequence.prompt_ids)
+            tokens[row, : lengths[row]] = torch.tensor(sequence.prompt_ids)
         positions = torch.arange(longest).expand(len(sequences), longest).to(self.device)
         step = ForwardBatch.build(self.kv_cache, [s.slot for s in sequences], positions)
         hidden = self.model(tokens.to(self.device), step)
         # Logits at every prompt position only for the requests that want prompt logprobs;
         # the others need the last position alone.
         scored_prompts = {
-            row: prompt_logprobs(self.model.logits(hidden[row, :lengths[row]]), sequence.prompt_ids,
-                                 sequence.params.prompt_logprobs)
-            for row, sequence in enumerate(sequences) if sequence.params.prompt_logprobs is not None}
+            row: prompt_logprobs(
+                self.model.logits(hidden[row, : lengths[row]]), sequence.prompt_ids, sequence.params.prompt_logprobs
+            )
+            for row, sequence in enumerate(sequences)
+            if sequence.params.prompt_logprobs is not None
+        }
         generating = [row for row, sequence in enumerate(sequences) if sequence.params.max_new_tokens > 0]
         for row, sequence in enumerate(sequences):
             if sequence.params.max_new_tokens == 0:  # echo of the prompt's logprobs, nothing generated
                 with self._lock:
                     self.scheduler.finish(sequence)
-                sequence.deliver(GenerationEvent("", (), lengths[row], 0, "length",
-                                                 prompt_logprobs=scored_prompts.get(row)))
+                sequence.deliver(
+                    GenerationEvent("", (), lengths[row], 0, "length", prompt_logprobs=scored_prompts.get(row))
+                )
         if generating:
             rows = torch.tensor(generating, device=self.device)
             last = hidden[rows, torch.tensor([lengths[row] - 1 for row in generating], device=self.device)]
-            self._sample_and_emit([sequences[row] for row in generating], self.model.logits(last),
-                                  [scored_prompts.get(row) for row in generating])
+            self._sample_and_emit(
+                [sequences[row] for row in generating],
+                self.model.logits(last),
+                [scored_prompts.get(row) for row in generating],
+            )
 
     def _decode(self, sequences: list[Sequence]) -> None:
         slots = [s.slot for s in sequences]
@@ -295,10 +317,13 @@ class Engine:
             logits = self.model.logits(hidden[:, -1])
         self._sample_and_emit(sequences, logits)
 
-    def _sample_and_emit(self, sequences: list[Sequence], logits: torch.Tensor,
-                         scored_prompts: list | None = None) -> None:
-        rows = [SamplingRow(s.params, s.prompt_ids, s.output_ids, s.generator, self._banned_token_ids(s),
-                            s.constrained) for s in sequences]
+    def _sample_and_emit(
+        self, sequences: list[Sequence], logits: torch.Tensor, scored_prompts: list | None = None
+    ) -> None:
+        rows = [
+            SamplingRow(s.params, s.prompt_ids, s.output_ids, s.generator, self._banned_token_ids(s), s.constrained)
+            for s in sequences
+        ]
         asking = [row for row, s in enumerate(sequences) if s.params.logprobs is not None]
         # Taken before sampling, which adjusts the logits in place.
         scored = log_softmax(logits[asking]) if asking else None
@@ -318,8 +343,9 @@ class Engine:
             return (self.eos_token_id,)
         return ()
 
-    def _emit(self, sequence: Sequence, token: int, logprobs: tuple[TokenLogprob, ...],
-              scored_prompt: tuple | None) -> None:
+    def _emit(
+        self, sequence: Sequence, token: int, logprobs: tuple[TokenLogprob, ...], scored_prompt: tuple | None
+    ) -> None:
         sequence.output_ids.append(token)
         params = sequence.params
         finish_reason = None
@@ -343,5 +369,14 @@ class Engine:
             text += sequence.stop_matcher.finish()
             with self._lock:
                 self.scheduler.finish(sequence)
-        sequence.deliver(GenerationEvent(text, (token,), len(sequence.prompt_ids), len(sequence.output_ids),
-                                         finish_reason, logprobs=logprobs, prompt_logprobs=scored_prompt))
+        sequence.deliver(
+            GenerationEvent(
+                text,
+                (token,),
+                len(sequence.prompt_ids),
+                len(sequence.output_ids),
+                finish_reason,
+                logprobs=logprobs,
+                prompt_logprobs=scored_prompt,
+            )
+        )

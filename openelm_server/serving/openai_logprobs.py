@@ -6,8 +6,8 @@
 
 from __future__ import annotations
 
-from .generation import GenerationService
-from .logprobs import TokenLogprob
+from openelm_server.engine.logprobs import TokenLogprob
+from openelm_server.serving.gateway import GenerationService
 
 # JSON has no -inf; vLLM reports the same floor for tokens the model rules out.
 LOWEST_LOGPROB = -9999.0
@@ -17,8 +17,9 @@ def _finite(logprob: float) -> float:
     return max(logprob, LOWEST_LOGPROB)
 
 
-def completion_logprobs(service: GenerationService, token_ids: list[int], scored: list[TokenLogprob | None],
-                        text_offsets: list[int]) -> dict:
+def completion_logprobs(
+    service: GenerationService, token_ids: list[int], scored: list[TokenLogprob | None], text_offsets: list[int]
+) -> dict:
     """One entry per token; a token without a score (the prompt's first) gets nulls.
     ``top_logprobs`` also lists the chosen token, as vLLM's do, so that a client can tell
     whether it was the most likely one."""
@@ -36,19 +37,26 @@ def completion_logprobs(service: GenerationService, token_ids: list[int], scored
             top.setdefault(service.token_text(top_id)[0], _finite(logprob))
         top.setdefault(text, _finite(score.logprob))
         top_logprobs.append(top)
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
-            "text_offset": text_offsets}
+    return {
+        "tokens": tokens,
+        "token_logprobs": token_logprobs,
+        "top_logprobs": top_logprobs,
+        "text_offset": text_offsets,
+    }
 
 
-def generated_logprobs(service: GenerationService, scored: list[TokenLogprob], text_offsets: list[int],
-                       start: int) -> dict:
+def generated_logprobs(
+    service: GenerationService, scored: list[TokenLogprob], text_offsets: list[int], start: int
+) -> dict:
     """Completion logprobs of generated tokens whose text begins ``start`` characters in."""
-    return completion_logprobs(service, [s.token_id for s in scored], list(scored),
-                               [start + offset for offset in text_offsets])
+    return completion_logprobs(
+        service, [s.token_id for s in scored], list(scored), [start + offset for offset in text_offsets]
+    )
 
 
-def prompt_logprobs(service: GenerationService, prompt_ids: list[int], scored: tuple[TokenLogprob | None, ...],
-                    echo: str) -> dict:
+def prompt_logprobs(
+    service: GenerationService, prompt_ids: list[int], scored: tuple[TokenLogprob | None, ...], echo: str
+) -> dict:
     """Completion logprobs of the echoed prompt, offsets within ``echo``."""
     offsets = [min(offset, len(echo)) for offset in service.text_offsets(prompt_ids)]
     return completion_logprobs(service, prompt_ids, list(scored), offsets)
@@ -65,6 +73,10 @@ def _top_entry(service: GenerationService, token_id: int, logprob: float) -> dic
 
 def chat_logprobs(service: GenerationService, scored: list[TokenLogprob]) -> list[dict]:
     """Chat's ``logprobs.content``: each token with exactly ``top_logprobs`` alternatives."""
-    return [{**_top_entry(service, s.token_id, s.logprob),
-             "top_logprobs": [_top_entry(service, top_id, logprob) for top_id, logprob in s.top]}
-            for s in scored]
+    return [
+        {
+            **_top_entry(service, s.token_id, s.logprob),
+            "top_logprobs": [_top_entry(service, top_id, logprob) for top_id, logprob in s.top],
+        }
+        for s in scored
+    ]

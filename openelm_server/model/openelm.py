@@ -2,7 +2,7 @@
 
 Reads the checkpoints Apple publishes (``config.json`` + safetensors) without their remote
 code. The forward pass is made for serving: keys are rotated once and stored rotated in a
-:class:`~openelm_server.kv_cache.KVCache`, and every token carries its own position, so one
+:class:`~openelm_server.model.kv_cache.KVCache`, and every token carries its own position, so one
 call can prefill prompts or decode one token for sequences that sit at different positions.
 """
 
@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,7 @@ from safetensors import safe_open
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .kv_cache import KVCache
+from openelm_server.model.kv_cache import KVCache
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class OpenELMConfig:
         return len(self.num_query_heads)
 
     @classmethod
-    def from_dict(cls, raw: dict, source: str = "config.json") -> "OpenELMConfig":
+    def from_dict(cls, raw: dict, source: str = "config.json") -> OpenELMConfig:
         """Build from a published ``config.json``; derive per-layer lists the way it does."""
         if raw.get("model_type") != "openelm":
             raise CheckpointError(
@@ -139,7 +139,7 @@ class OpenELMConfig:
         )
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path) -> "OpenELMConfig":
+    def from_dir(cls, model_dir: str | Path) -> OpenELMConfig:
         path = Path(model_dir) / "config.json"
         if not path.is_file():
             raise CheckpointError(f"{path}: not found; is {model_dir} an OpenELM model directory?")
@@ -203,8 +203,9 @@ class RMSNorm(nn.Module):
 ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def grouped_query_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                            mask: torch.Tensor) -> torch.Tensor:
+def grouped_query_attention(
+    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """Attention where each KV head serves a group of consecutive query heads.
 
     The group is folded into the query-length axis ([batch, kv_heads, group * length, dim]),
@@ -239,7 +240,7 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
         self.out_proj = nn.Linear(self.num_query_heads * config.head_dim, config.model_dim, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], step: "ForwardBatch") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], step: ForwardBatch) -> torch.Tensor:
         batch, length, _ = x.shape
         qkv = self.qkv_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
         queries, keys, values = qkv.split([self.num_query_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
@@ -278,7 +279,7 @@ class DecoderLayer(nn.Module):
         self.ffn_norm = RMSNorm(config.model_dim, config.norm_eps)
         self.ffn = FeedForward(config, layer)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], step: "ForwardBatch") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], step: ForwardBatch) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), rope, step)
         return x + self.ffn(self.ffn_norm(x))
 
@@ -310,8 +311,14 @@ class ForwardBatch:
     attention_mask: torch.Tensor
 
     @classmethod
-    def build(cls, kv_cache: KVCache, slots: list[int], positions: torch.Tensor,
-              context_length: int | None = None, slot_index: torch.Tensor | None = None) -> "ForwardBatch":
+    def build(
+        cls,
+        kv_cache: KVCache,
+        slots: list[int],
+        positions: torch.Tensor,
+        context_length: int | None = None,
+        slot_index: torch.Tensor | None = None,
+    ) -> ForwardBatch:
         """A CUDA-graph step passes ``context_length`` (keys attended, > every position) and
         ``slot_index`` ([batch, 1] on the device) so that nothing here syncs with the host."""
         if context_length is None:
@@ -329,13 +336,16 @@ class OpenELM(nn.Module):
         super().__init__()
         self.config = config
         self.transformer = Transformer(config)
-        self.lm_head = None if config.share_input_output_layers else \
-            nn.Linear(config.model_dim, config.vocab_size, bias=False)
+        self.lm_head = (
+            None if config.share_input_output_layers else nn.Linear(config.model_dim, config.vocab_size, bias=False)
+        )
 
     def rope_tables(self, device: torch.device) -> None:
         """Cos/sin per position, float32, built once on the model's device after loading."""
         dim = self.config.head_dim
-        inv_freq = 1.0 / (self.config.rope_freq_constant ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+        inv_freq = 1.0 / (
+            self.config.rope_freq_constant ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim)
+        )
         angles = torch.outer(torch.arange(self.config.max_context_length, dtype=torch.float32, device=device), inv_freq)
         angles = torch.cat((angles, angles), dim=-1)
         self.rope_cos = angles.cos()
@@ -356,8 +366,14 @@ class OpenELM(nn.Module):
 
     def new_kv_cache(self, num_slots: int, max_length: int) -> KVCache:
         embeddings = self.transformer.token_embeddings.weight
-        return KVCache(self.config.num_kv_heads, self.config.head_dim, num_slots, max_length,
-                       dtype=embeddings.dtype, device=embeddings.device)
+        return KVCache(
+            self.config.num_kv_heads,
+            self.config.head_dim,
+            num_slots,
+            max_length,
+            dtype=embeddings.dtype,
+            device=embeddings.device,
+        )
 
 
 def expected_tensor_shapes(config: OpenELMConfig) -> dict[str, tuple[int, ...]]:
@@ -382,9 +398,7 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     single = model_dir / SINGLE_FILE
     if single.is_file():
         return [single]
-    raise CheckpointError(
-        f"{model_dir}: no {SINGLE_FILE} or {SHARD_INDEX}; OpenELM weights must be safetensors"
-    )
+    raise CheckpointError(f"{model_dir}: no {SINGLE_FILE} or {SHARD_INDEX}; OpenELM weights must be safetensors")
 
 
 def _progress(total_bytes: int, enabled: bool):
@@ -394,8 +408,12 @@ def _progress(total_bytes: int, enabled: bool):
     return tqdm(total=total_bytes, desc="Loading weights", unit="B", unit_scale=True, disable=not enabled)
 
 
-def load_openelm(model_dir: str | Path, device: str | torch.device = "cpu",
-                 dtype: torch.dtype | None = None, show_progress: bool = True) -> OpenELM:
+def load_openelm(
+    model_dir: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    show_progress: bool = True,
+) -> OpenELM:
     """Build the model on the meta device and assign each tensor once, on ``device``."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -406,8 +424,15 @@ def load_openelm(model_dir: str | Path, device: str | torch.device = "cpu",
     config = OpenELMConfig.from_dir(model_dir)
     files = checkpoint_files(model_dir)
     total_bytes = sum(path.stat().st_size for path in files)
-    log.info("loading OpenELM from %s (%d file%s, %.2f GB) on %s in %s ...", model_dir, len(files),
-             "" if len(files) == 1 else "s", total_bytes / 1e9, device, str(dtype).removeprefix("torch."))
+    log.info(
+        "loading OpenELM from %s (%d file%s, %.2f GB) on %s in %s ...",
+        model_dir,
+        len(files),
+        "" if len(files) == 1 else "s",
+        total_bytes / 1e9,
+        device,
+        str(dtype).removeprefix("torch."),
+    )
     started = time.monotonic()
     with torch.device("meta"):
         model = OpenELM(config)
@@ -439,9 +464,15 @@ def load_openelm(model_dir: str | Path, device: str | torch.device = "cpu",
         raise CheckpointError(f"{model_dir}: {len(missing)} tensors missing from the checkpoint: {shown}")
     model.rope_tables(device)
     model.eval()
-    log.info("loaded OpenELM (%d layers, %.2fB parameters) from %s on %s in %s in %.1f s", config.num_layers,
-             count_parameters(model) / 1e9, model_dir, device, str(dtype).removeprefix("torch."),
-             time.monotonic() - started)
+    log.info(
+        "loaded OpenELM (%d layers, %.2fB parameters) from %s on %s in %s in %.1f s",
+        config.num_layers,
+        count_parameters(model) / 1e9,
+        model_dir,
+        device,
+        str(dtype).removeprefix("torch."),
+        time.monotonic() - started,
+    )
     return model
 
 
@@ -449,9 +480,9 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-
-def random_state_dict(config: OpenELMConfig, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
-                      std: float = 0.02) -> dict[str, torch.Tensor]:
+def random_state_dict(
+    config: OpenELMConfig, seed: int = 0, dtype: torch.dtype = torch.bfloat16, std: float = 0.02
+) -> dict[str, torch.Tensor]:
     """Random weights with the published names and shapes (norm weights near 1), for tests
     and benchmarks that cannot download the real ones."""
     generator = torch.Generator().manual_seed(seed)
@@ -465,8 +496,9 @@ def random_state_dict(config: OpenELMConfig, seed: int = 0, dtype: torch.dtype =
     return tensors
 
 
-def write_checkpoint(model_dir: str | Path, raw_config: dict, tensors: dict[str, torch.Tensor],
-                     max_shard_bytes: int | None = None) -> None:
+def write_checkpoint(
+    model_dir: str | Path, raw_config: dict, tensors: dict[str, torch.Tensor], max_shard_bytes: int | None = None
+) -> None:
     """Save in the published layout: config.json, generation_config.json, and
     model.safetensors, or numbered shards with model.safetensors.index.json."""
     from safetensors.torch import save_file
@@ -474,8 +506,12 @@ def write_checkpoint(model_dir: str | Path, raw_config: dict, tensors: dict[str,
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / "config.json").write_text(json.dumps(raw_config, indent=2))
-    (model_dir / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": raw_config.get("bos_token_id", 1), "eos_token_id": raw_config.get("eos_token_id", 2)}, indent=2))
+    (model_dir / "generation_config.json").write_text(
+        json.dumps(
+            {"bos_token_id": raw_config.get("bos_token_id", 1), "eos_token_id": raw_config.get("eos_token_id", 2)},
+            indent=2,
+        )
+    )
     shards: list[dict[str, torch.Tensor]] = [{}]
     shard_bytes = 0
     for name, tensor in tensors.items():
@@ -494,7 +530,9 @@ def write_checkpoint(model_dir: str | Path, raw_config: dict, tensors: dict[str,
         save_file(shard, str(model_dir / file_name), metadata={"format": "pt"})
         weight_map.update({name: file_name for name in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
-    (model_dir / SHARD_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (model_dir / SHARD_INDEX).write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
 
 
 def published_config(size: str, vocab_size: int = 32000) -> dict:
@@ -505,8 +543,21 @@ def published_config(size: str, vocab_size: int = 32000) -> dict:
         "1_1B": dict(num_transformer_layers=28, model_dim=2048, head_dim=64),
         "3B": dict(num_transformer_layers=36, model_dim=3072, head_dim=128),
     }
-    return dict(model_type="openelm", vocab_size=vocab_size, num_gqa_groups=4, qkv_multipliers=[0.5, 1.0],
-                ffn_multipliers=[0.5, 4.0], ffn_dim_divisor=256, ffn_with_glu=True, normalize_qk_projections=True,
-                share_input_output_layers=True, rope_freq_constant=10000, max_context_length=2048,
-                activation_fn_name="swish", normalization_layer_name="rms_norm", bos_token_id=1, eos_token_id=2,
-                **shapes[size])
+    return dict(
+        model_type="openelm",
+        vocab_size=vocab_size,
+        num_gqa_groups=4,
+        qkv_multipliers=[0.5, 1.0],
+        ffn_multipliers=[0.5, 4.0],
+        ffn_dim_divisor=256,
+        ffn_with_glu=True,
+        normalize_qk_projections=True,
+        share_input_output_layers=True,
+        rope_freq_constant=10000,
+        max_context_length=2048,
+        activation_fn_name="swish",
+        normalization_layer_name="rms_norm",
+        bos_token_id=1,
+        eos_token_id=2,
+        **shapes[size],
+    )

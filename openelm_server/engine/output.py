@@ -39,13 +39,13 @@ class IncrementalDetokenizer:
         return self._release(final=True)
 
     def _release(self, final: bool) -> str:
-        prefix_text = self._decode(self.token_ids[self.prefix_offset:self.read_offset])
-        full_text = self._decode(self.token_ids[self.prefix_offset:])
+        prefix_text = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
+        full_text = self._decode(self.token_ids[self.prefix_offset :])
         if len(full_text) <= len(prefix_text) or (full_text.endswith(REPLACEMENT_CHARACTER) and not final):
             return ""
         self.prefix_offset = self.read_offset
         self.read_offset = len(self.token_ids)
-        return full_text[len(prefix_text):]
+        return full_text[len(prefix_text) :]
 
 
 class StopStringMatcher:
@@ -70,7 +70,7 @@ class StopStringMatcher:
         self.text += piece
         hits = [i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0]
         if hits and may_stop:
-            self.text = self.text[:min(hits)]
+            self.text = self.text[: min(hits)]
             self.stopped = True
             return self._release(len(self.text))
         return self._release(len(self.text) - self._partial_stop_length())
@@ -90,6 +90,6 @@ class StopStringMatcher:
 
     def _release(self, end: int) -> str:
         end = max(end, self.released)
-        piece = self.text[self.released:end]
+        piece = self.text[self.released : end]
         self.released = end
         return piece

@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Sequence
 
 DEFAULT_MODEL_PATH = "/root/autodl-tmp/OpenELM-3B-Instruct"
 DEFAULT_TOKENIZER_PATH = "/root/autodl-tmp/Llama-2-7b-hf"
@@ -121,36 +121,97 @@ _OPTIONS: list[tuple[str, str, object, str]] = [
     ("--port", "PORT", _port, "port to listen on (AutoDL maps 6006 to the outside)"),
     ("--device", "DEVICE", str, "auto | cuda | cuda:N | cpu; auto picks CUDA when present"),
     ("--dtype", "DTYPE", str, "auto | bfloat16 | float16 | float32; auto = bfloat16 on CUDA, float32 on CPU"),
-    ("--served-model-name", "SERVED_MODEL_NAME", str, "model name in the OpenAI API (default: the model directory's name)"),
-    ("--chat-template", "CHAT_TEMPLATE", str, "Jinja chat template file for /v1/chat/completions "
-                                                "(default: the tokenizer's own, else OpenELM-Instruct's Zephyr format)"),
+    (
+        "--served-model-name",
+        "SERVED_MODEL_NAME",
+        str,
+        "model name in the OpenAI API (default: the model directory's name)",
+    ),
+    (
+        "--chat-template",
+        "CHAT_TEMPLATE",
+        str,
+        "Jinja chat template file for /v1/chat/completions "
+        "(default: the tokenizer's own, else OpenELM-Instruct's Zephyr format)",
+    ),
     ("--max-batch-size", "MAX_BATCH_SIZE", _positive_int, "sequences decoded together (KV-cache slots)"),
-    ("--max-model-len", "MAX_MODEL_LEN", _positive_int, "tokens per sequence, prompt included (at most the model's 2048)"),
+    (
+        "--max-model-len",
+        "MAX_MODEL_LEN",
+        _positive_int,
+        "tokens per sequence, prompt included (at most the model's 2048)",
+    ),
     ("--max-queue", "MAX_QUEUE", _positive_int, "requests allowed to wait; beyond it the server answers 503"),
     ("--max-prefill-tokens", "MAX_PREFILL_TOKENS", _positive_int, "prompt tokens (padded) prefilled in one step"),
-    ("--gpu-memory-utilization", "GPU_MEMORY_UTILIZATION", _fraction,
-     "on CUDA, fraction of GPU memory for weights + KV cache; lowers --max-batch-size to fit"),
-    ("--max-tokens-limit", "MAX_TOKENS_LIMIT", _positive_int, "largest max_tokens / max_new_tokens a request may ask for"),
-    ("--max-prompt-tokens", "MAX_PROMPT_TOKENS", _positive_int, "longest prompt accepted, in tokens (default: max-model-len - 1)"),
+    (
+        "--gpu-memory-utilization",
+        "GPU_MEMORY_UTILIZATION",
+        _fraction,
+        "on CUDA, fraction of GPU memory for weights + KV cache; lowers --max-batch-size to fit",
+    ),
+    (
+        "--max-tokens-limit",
+        "MAX_TOKENS_LIMIT",
+        _positive_int,
+        "largest max_tokens / max_new_tokens a request may ask for",
+    ),
+    (
+        "--max-prompt-tokens",
+        "MAX_PROMPT_TOKENS",
+        _positive_int,
+        "longest prompt accepted, in tokens (default: max-model-len - 1)",
+    ),
     ("--max-body-bytes", "MAX_BODY_BYTES", _positive_int, "largest request body accepted (413 beyond)"),
-    ("--request-timeout", "REQUEST_TIMEOUT", _positive_float, "seconds a request may take before it is cancelled (503)"),
+    (
+        "--request-timeout",
+        "REQUEST_TIMEOUT",
+        _positive_float,
+        "seconds a request may take before it is cancelled (503)",
+    ),
     ("--api-key", "API_KEY", str, "require 'Authorization: Bearer <key>' on every route but /health"),
-    ("--cors-origins", "CORS_ORIGINS", _origins, "comma-separated origins allowed by CORS ('*' for any); off by default"),
-    ("--shutdown-timeout", "SHUTDOWN_TIMEOUT", _positive_float, "seconds running requests get to finish on SIGTERM/SIGINT"),
+    (
+        "--cors-origins",
+        "CORS_ORIGINS",
+        _origins,
+        "comma-separated origins allowed by CORS ('*' for any); off by default",
+    ),
+    (
+        "--shutdown-timeout",
+        "SHUTDOWN_TIMEOUT",
+        _positive_float,
+        "seconds running requests get to finish on SIGTERM/SIGINT",
+    ),
     ("--log-level", "LOG_LEVEL", str, "debug | info | warning | error"),
 ]
 
 _SWITCHES: list[tuple[str, str, str, str]] = [
     ("--log-prompts", "log_prompts", "LOG_PROMPTS", "log whole prompts and responses; --no-log-prompts shortens them"),
-    ("--cuda-graphs", "cuda_graphs", "CUDA_GRAPHS", "on CUDA, replay decode steps as CUDA graphs; --no-cuda-graphs to debug"),
-    ("--compile", "compile", "COMPILE",
-     "on CUDA, fuse element-wise kernels with torch.compile at start-up (faster decode); --no-compile to skip"),
-    ("--onednn-linear", "onednn_linear", "ONEDNN_LINEAR",
-     "on the CPU in float32, linear layers with oneDNN (--onednn-linear) or PyTorch's (--no-onednn-linear); "
-     "unset, both are timed at start-up and the faster kept"),
-    ("--demo", "demo", "DEMO",
-     "try the server without the 6 GB download: a tiny random-weight model and tokenizer are made "
-     "(once, in ~/.cache/openelm-server/demo) and served; its answers are gibberish"),
+    (
+        "--cuda-graphs",
+        "cuda_graphs",
+        "CUDA_GRAPHS",
+        "on CUDA, replay decode steps as CUDA graphs; --no-cuda-graphs to debug",
+    ),
+    (
+        "--compile",
+        "compile",
+        "COMPILE",
+        "on CUDA, fuse element-wise kernels with torch.compile at start-up (faster decode); --no-compile to skip",
+    ),
+    (
+        "--onednn-linear",
+        "onednn_linear",
+        "ONEDNN_LINEAR",
+        "on the CPU in float32, linear layers with oneDNN (--onednn-linear) or PyTorch's (--no-onednn-linear); "
+        "unset, both are timed at start-up and the faster kept",
+    ),
+    (
+        "--demo",
+        "demo",
+        "DEMO",
+        "try the server without the 6 GB download: a tiny random-weight model and tokenizer are made "
+        "(once, in ~/.cache/openelm-server/demo) and served; its answers are gibberish",
+    ),
     ("--webui", "webui", "WEBUI", "serve the chat page at GET / for browsers; --no-webui answers a JSON description"),
 ]
 
@@ -184,11 +245,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for flag, env, kind, help_text in _OPTIONS:
         dest = flag[2:].replace("-", "_")
-        parser.add_argument(flag, dest=dest, type=kind, metavar=env, default=getattr(defaults, dest),
-                            help=f"{help_text} [env {env}]")
+        parser.add_argument(
+            flag, dest=dest, type=kind, metavar=env, default=getattr(defaults, dest), help=f"{help_text} [env {env}]"
+        )
     for flag, dest, env, help_text in _SWITCHES:
-        parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=getattr(defaults, dest),
-                            help=f"{help_text} [env {env}=0|1]")
+        parser.add_argument(
+            flag,
+            dest=dest,
+            action=argparse.BooleanOptionalAction,
+            default=getattr(defaults, dest),
+            help=f"{help_text} [env {env}=0|1]",
+        )
     return parser
 
 
@@ -212,8 +279,11 @@ def load_settings(argv: Sequence[str] | None = None, environ: dict[str, str] | N
         parser.error(f"--dtype must be auto, bfloat16, float16 or float32, got {settings.dtype!r}")
     if settings.log_level not in ("debug", "info", "warning", "error"):
         parser.error(f"--log-level must be debug, info, warning or error, got {settings.log_level!r}")
-    if settings.demo and (settings.model_path != DEFAULT_MODEL_PATH or settings.tokenizer_path != DEFAULT_TOKENIZER_PATH):
-        parser.error("--demo serves a model and tokenizer of its own; drop --model-path / --tokenizer-path "
-                     "(or MODEL_PATH / TOKENIZER_PATH), or drop --demo")
+    if settings.demo and (
+        settings.model_path != DEFAULT_MODEL_PATH or settings.tokenizer_path != DEFAULT_TOKENIZER_PATH
+    ):
+        parser.error(
+            "--demo serves a model and tokenizer of its own; drop --model-path / --tokenizer-path "
+            "(or MODEL_PATH / TOKENIZER_PATH), or drop --demo"
+        )
     return settings
-

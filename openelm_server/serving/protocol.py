@@ -6,7 +6,7 @@ are ignored, so that clients sending extra OpenAI fields keep working.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -53,15 +53,19 @@ def _strings_in(value):
             yield from _strings_in(item)
 
 
-StopField = Union[Annotated[str, Field(min_length=1, max_length=256)],
-                  Annotated[list[Annotated[str, Field(min_length=1, max_length=256)]], Field(max_length=MAX_STOP_STRINGS)],
-                  None]
+StopField = (
+    Annotated[str, Field(min_length=1, max_length=256)]
+    | Annotated[list[Annotated[str, Field(min_length=1, max_length=256)]], Field(max_length=MAX_STOP_STRINGS)]
+    | None
+)
 
 
 class SamplingFields(StrictRequest):
     temperature: float | None = Field(None, ge=0, le=100)
     top_k: int | None = Field(None, ge=0, description="extension: keep the k most likely tokens (0 = all)")
-    repetition_penalty: float | None = Field(None, gt=0, le=10, description="extension: as in transformers; OpenELM's authors use 1.2")
+    repetition_penalty: float | None = Field(
+        None, gt=0, le=10, description="extension: as in transformers; OpenELM's authors use 1.2"
+    )
     seed: int | None = Field(None, **SEED_RANGE)
     stop: StopField = None
 
@@ -94,11 +98,13 @@ class OpenAIRequest(SamplingFields):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     user: str | None = None
-    logit_bias: Annotated[dict[str, Annotated[float, Field(ge=-100, le=100)]],
-                          Field(max_length=MAX_LOGIT_BIAS_ENTRIES)] | None = None
+    logit_bias: (
+        Annotated[dict[str, Annotated[float, Field(ge=-100, le=100)]], Field(max_length=MAX_LOGIT_BIAS_ENTRIES)] | None
+    ) = None
     ignore_eos: bool | None = Field(None, description="extension (vLLM): EOS does not end the answer")
-    min_tokens: int | None = Field(None, ge=0, description="extension (vLLM): EOS and stop strings cannot end "
-                                                            "the answer before this many tokens")
+    min_tokens: int | None = Field(
+        None, ge=0, description="extension (vLLM): EOS and stop strings cannot end the answer before this many tokens"
+    )
     # {"type": "text" | "json_object" | "json_schema", "json_schema": {"schema": ...}}: read by
     # the routes (structured output).
     response_format: Any = None
@@ -133,16 +139,23 @@ HARMLESS_VALUES: dict[str, list] = {
 def unsupported_fields(body: BaseModel, handled: tuple[str, ...] = ()) -> list[str]:
     """The fields of ``body`` that ask for something this server does not do; ``handled``
     names those the caller implements."""
-    return [name for name, harmless in HARMLESS_VALUES.items()
-            if name in type(body).model_fields and name not in handled and getattr(body, name) not in harmless]
+    return [
+        name
+        for name, harmless in HARMLESS_VALUES.items()
+        if name in type(body).model_fields and name not in handled and getattr(body, name) not in harmless
+    ]
 
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=1_000_000)]
 
 
 class CompletionRequest(OpenAIRequest):
-    prompt: Union[ValidText, Annotated[list[ValidText], Field(min_length=1, max_length=MAX_PROMPTS)],
-                  TokenIds, Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]]
+    prompt: (
+        ValidText
+        | Annotated[list[ValidText], Field(min_length=1, max_length=MAX_PROMPTS)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
+    )
     # 0 only with echo: the prompt's logprobs and nothing generated (lm-eval's loglikelihood).
     max_tokens: int | None = Field(None, ge=0)
     echo: bool | None = None
@@ -158,7 +171,7 @@ class ContentPart(StrictRequest):
 
 class ChatMessage(StrictRequest):
     role: Literal["system", "user", "assistant"]
-    content: Union[ValidText, list[ContentPart]]
+    content: ValidText | list[ContentPart]
 
     def text(self) -> str:
         if isinstance(self.content, str):

@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from .kv_cache import KVCache
-from .openelm import ForwardBatch, OpenELM
+from openelm_server.model.kv_cache import KVCache
+from openelm_server.model.openelm import ForwardBatch, OpenELM
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,9 @@ class StaticDecoder:
 
     def _step(self, batch: int, context: int) -> torch.Tensor:
         positions = self.positions[:batch]
-        step = ForwardBatch.build(self.kv_cache, list(range(batch)), positions, context_length=context,
-                                  slot_index=self.slot_index[:batch])
+        step = ForwardBatch.build(
+            self.kv_cache, list(range(batch)), positions, context_length=context, slot_index=self.slot_index[:batch]
+        )
         hidden = self.model(self.tokens[:batch], step)
         return self.model.logits(hidden[:, -1])
 
@@ -83,8 +84,13 @@ class StaticDecoder:
             for context in self.length_buckets:
                 if (batch, context) not in self.graphs:
                     self._capture(batch, context)
-        log.info("captured %d CUDA graphs (batch %s x context %s) in %.1f s", len(self.graphs),
-                 self.batch_buckets, self.length_buckets, time.perf_counter() - started)
+        log.info(
+            "captured %d CUDA graphs (batch %s x context %s) in %.1f s",
+            len(self.graphs),
+            self.batch_buckets,
+            self.length_buckets,
+            time.perf_counter() - started,
+        )
 
     def _capture(self, batch: int, context: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         # Warm-up on a side stream, as capture requires, then record the step once.

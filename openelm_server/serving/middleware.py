@@ -15,16 +15,28 @@ import uuid
 
 from starlette.exceptions import HTTPException
 
-from .http_errors import ApiError, error_response
-from .metrics import Metrics
-from .webui import ASSET_PREFIX
+from openelm_server.serving.errors import ApiError, error_response
+from openelm_server.serving.metrics import Metrics
+from openelm_server.serving.webui import ASSET_PREFIX
 
 access_log = logging.getLogger("openelm_server.access")
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
-KNOWN_ROUTES = {"/", "/health", "/metrics", "/stats", "/v1/models", "/v1/completions", "/v1/chat/completions",
-                "/tokenize", "/detokenize", "/version", "/docs", "/openapi.json"}
+KNOWN_ROUTES = {
+    "/",
+    "/health",
+    "/metrics",
+    "/stats",
+    "/v1/models",
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/tokenize",
+    "/detokenize",
+    "/version",
+    "/docs",
+    "/openapi.json",
+}
 OPEN_ROUTES = {"/health"}
 
 
@@ -77,13 +89,21 @@ class GuardMiddleware:
 
         try:
             if self.api_key and _needs_key(scope["method"], path) and not self._authorized(headers):
-                return await answer(ApiError(401, "missing or invalid API key; send 'Authorization: Bearer <key>'",
-                                             code="invalid_api_key"))
+                return await answer(
+                    ApiError(
+                        401, "missing or invalid API key; send 'Authorization: Bearer <key>'", code="invalid_api_key"
+                    )
+                )
             encoding = headers.get("content-encoding", "identity").strip().lower()
             if encoding not in ("", "identity"):
                 # Read as JSON, a compressed body would fail with a misleading UTF-8 error.
-                return await answer(ApiError(415, f"Content-Encoding {encoding} is not supported; send the body "
-                                                  "uncompressed", code="unsupported_content_encoding"))
+                return await answer(
+                    ApiError(
+                        415,
+                        f"Content-Encoding {encoding} is not supported; send the body uncompressed",
+                        code="unsupported_content_encoding",
+                    )
+                )
             declared = headers.get("content-length", "")
             if declared.isdigit() and int(declared) > self.max_body_bytes:
                 return await answer(self._too_large())
@@ -104,8 +124,15 @@ class GuardMiddleware:
                 await answer(self._too_large())
         finally:
             self.metrics.requests.labels(route=route, status=str(status)).inc()
-            access_log.info('%s "%s %s" %d %.3fs%s', _client(scope), scope["method"], path, status,
-                            time.monotonic() - start, f" {reason}" if reason else "")
+            access_log.info(
+                '%s "%s %s" %d %.3fs%s',
+                _client(scope),
+                scope["method"],
+                path,
+                status,
+                time.monotonic() - start,
+                f" {reason}" if reason else "",
+            )
             request_id_var.reset(token)
 
     def _authorized(self, headers: dict[str, str]) -> bool:

@@ -7,27 +7,52 @@ import contextlib
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from .chat import ChatTemplateError
-from .generation import Generation, GenerationService
-from .http_errors import ApiError, error_body
-from .openai_logprobs import (chat_logprobs, generated_logprobs, join_completion_logprobs,
-                              prompt_logprobs)
-from .sampling import SamplingParams
-from .schemas import (AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest, ChatLogprobs,
-                      Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, ErrorResponse,
-                      ModelCard, ModelList, OpenAIRequest, Usage, unsupported_fields)
-from .structured import ANY_OBJECT_SCHEMA, OutputConstraint
-from .tool_calls import ToolCallPlan, plan_tool_call, tool_calls
+from openelm_server.engine.sampling import SamplingParams
+from openelm_server.engine.structured import ANY_OBJECT_SCHEMA, OutputConstraint
+from openelm_server.serving.chat_template import ChatTemplateError
+from openelm_server.serving.errors import ApiError, error_body
+from openelm_server.serving.gateway import Generation, GenerationService
+from openelm_server.serving.openai_logprobs import (
+    chat_logprobs,
+    generated_logprobs,
+    join_completion_logprobs,
+    prompt_logprobs,
+)
+from openelm_server.serving.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionRequest,
+    ChatLogprobs,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    OpenAIRequest,
+    Usage,
+    unsupported_fields,
+)
+from openelm_server.serving.tool_calls import ToolCallPlan, plan_tool_call, tool_calls
 
-router = APIRouter(prefix="/v1", responses={400: {"model": ErrorResponse}, 401: {"model": ErrorResponse},
-                                              404: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
-                                              503: {"model": ErrorResponse}})
+router = APIRouter(
+    prefix="/v1",
+    responses={
+        400: {"model": ErrorResponse},
+        401: {"model": ErrorResponse},
+        404: {"model": ErrorResponse},
+        413: {"model": ErrorResponse},
+        503: {"model": ErrorResponse},
+    },
+)
 STARTED = int(time.time())
 # OpenAI's default for /v1/completions; chat answers may use all the room left.
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
@@ -49,8 +74,12 @@ def _service(request: Request) -> GenerationService:
 
 def _model_not_found(asked: str, settings) -> ApiError:
     accepted = ", ".join(repr(n) for n in (settings.model_name, *settings.model_aliases))
-    return ApiError(404, f"the model {asked!r} does not exist; this server serves {settings.model_name!r} "
-                         f"(accepted names: {accepted})", param="model", code="model_not_found")
+    return ApiError(
+        404,
+        f"the model {asked!r} does not exist; this server serves {settings.model_name!r} (accepted names: {accepted})",
+        param="model",
+        code="model_not_found",
+    )
 
 
 def _check_model(request: Request, body: OpenAIRequest) -> str:
@@ -85,30 +114,49 @@ def _constraint(body: OpenAIRequest) -> OutputConstraint | None:
     if kind == "json_object":
         return OutputConstraint(ANY_OBJECT_SCHEMA)
     if kind != "json_schema":
-        raise ApiError(400, "response_format must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
-                            "{\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}; "
-                            f"type {kind!r} is not supported", param="response_format.type")
+        raise ApiError(
+            400,
+            'response_format must be {"type": "text"}, {"type": "json_object"} or '
+            '{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}; '
+            f"type {kind!r} is not supported",
+            param="response_format.type",
+        )
     spec = response_format.get("json_schema")
     schema = spec.get("schema") if isinstance(spec, dict) else None
     if not isinstance(schema, dict):
-        raise ApiError(400, "response_format.json_schema.schema must be a JSON schema object",
-                       param="response_format.json_schema.schema")
+        raise ApiError(
+            400,
+            "response_format.json_schema.schema must be a JSON schema object",
+            param="response_format.json_schema.schema",
+        )
     constraint = OutputConstraint(json.dumps(schema))
     problem = constraint.problem()
     if problem:
-        raise ApiError(400, f"response_format.json_schema.schema is not supported: {problem}",
-                       param="response_format.json_schema.schema")
+        raise ApiError(
+            400,
+            f"response_format.json_schema.schema is not supported: {problem}",
+            param="response_format.json_schema.schema",
+        )
     return constraint
 
 
-def _params(body: OpenAIRequest, service: GenerationService, max_new_tokens: int, choice: int,
-            constraint: OutputConstraint | None, logprobs: int | None = None,
-            prompt_logprobs: int | None = None) -> SamplingParams:
+def _params(
+    body: OpenAIRequest,
+    service: GenerationService,
+    max_new_tokens: int,
+    choice: int,
+    constraint: OutputConstraint | None,
+    logprobs: int | None = None,
+    prompt_logprobs: int | None = None,
+) -> SamplingParams:
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     min_tokens = body.min_tokens or 0
     if min_tokens > max_new_tokens:
-        raise ApiError(400, f"min_tokens is {min_tokens}, more than the {max_new_tokens} tokens this answer may have",
-                       param="min_tokens")
+        raise ApiError(
+            400,
+            f"min_tokens is {min_tokens}, more than the {max_new_tokens} tokens this answer may have",
+            param="min_tokens",
+        )
     return SamplingParams(
         max_new_tokens=max_new_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
@@ -135,8 +183,9 @@ def _sse(payload: dict | str) -> str:
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
     """Prompt tokens count once per prompt, however many choices continue it (as OpenAI counts)."""
-    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                 total_tokens=prompt_tokens + completion_tokens)
+    return Usage(
+        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
+    )
 
 
 def _include_usage(body: OpenAIRequest) -> bool:
@@ -157,8 +206,9 @@ async def retrieve_model(model_id: str, request: Request) -> ModelCard:
 
 
 def _model_card(request: Request) -> ModelCard:
-    return ModelCard(id=request.app.state.settings.model_name, created=STARTED,
-                     max_model_len=_service(request).max_model_len)
+    return ModelCard(
+        id=request.app.state.settings.model_name, created=STARTED, max_model_len=_service(request).max_model_len
+    )
 
 
 def _completion_prompts(body: CompletionRequest, service: GenerationService) -> list[tuple[list[int], str | None]]:
@@ -187,44 +237,76 @@ async def create_completion(body: CompletionRequest, request: Request):
     if body.best_of is not None and body.best_of != n:
         raise ApiError(400, f"best_of {body.best_of} is not supported; only best_of equal to n ({n})", param="best_of")
     if body.max_tokens == 0 and not body.echo:
-        raise ApiError(400, "max_tokens 0 is only allowed with echo (the prompt's logprobs, nothing generated)",
-                       param="max_tokens")
+        raise ApiError(
+            400, "max_tokens 0 is only allowed with echo (the prompt's logprobs, nothing generated)", param="max_tokens"
+        )
     prompts = _completion_prompts(body, service)
     constraint = _constraint(body)
     jobs = []
     for prompt_ids, text in prompts:
-        max_new = service.max_new_tokens(len(prompt_ids), body.max_tokens, "max_tokens",
-                                         default=COMPLETIONS_DEFAULT_MAX_TOKENS)
+        max_new = service.max_new_tokens(
+            len(prompt_ids), body.max_tokens, "max_tokens", default=COMPLETIONS_DEFAULT_MAX_TOKENS
+        )
         # OpenAI echoes the prompt as sent: decoding its tokens would drop a leading space.
         echo = (text if text is not None else service.decode(prompt_ids)) if body.echo else None
         for choice in range(n):
-            params = _params(body, service, max_new, choice, constraint, logprobs=body.logprobs,
-                             prompt_logprobs=body.logprobs if body.echo else None)
+            params = _params(
+                body,
+                service,
+                max_new,
+                choice,
+                constraint,
+                logprobs=body.logprobs,
+                prompt_logprobs=body.logprobs if body.echo else None,
+            )
             jobs.append(ChoiceJob(prompt_ids, params, echo))
     prompt_tokens = sum(len(ids) for ids, _ in prompts)
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     streams = service.start([(job.prompt_ids, job.params) for job in jobs])
     if body.stream:
-        return _sse_response(_completion_chunks(service, completion_id, created, model, jobs, streams,
-                                                body.logprobs, prompt_tokens, _include_usage(body)))
+        return _sse_response(
+            _completion_chunks(
+                service,
+                completion_id,
+                created,
+                model,
+                jobs,
+                streams,
+                body.logprobs,
+                prompt_tokens,
+                _include_usage(body),
+            )
+        )
     results = await _collect_all(service, request, streams)
-    choices = [CompletionChoice(index=index, text=(job.echo or "") + result.text,
-                                logprobs=_completion_choice_logprobs(service, job, result, body.logprobs),
-                                finish_reason=result.finish_reason)
-               for index, (job, result) in enumerate(zip(jobs, results))]
-    return Completion(id=completion_id, created=created, model=model, choices=choices,
-                      usage=_usage(prompt_tokens, sum(r.completion_tokens for r in results)))
+    choices = [
+        CompletionChoice(
+            index=index,
+            text=(job.echo or "") + result.text,
+            logprobs=_completion_choice_logprobs(service, job, result, body.logprobs),
+            finish_reason=result.finish_reason,
+        )
+        for index, (job, result) in enumerate(zip(jobs, results))
+    ]
+    return Completion(
+        id=completion_id,
+        created=created,
+        model=model,
+        choices=choices,
+        usage=_usage(prompt_tokens, sum(r.completion_tokens for r in results)),
+    )
 
 
-def _completion_choice_logprobs(service: GenerationService, job: ChoiceJob, result: Generation,
-                                logprobs: int | None) -> CompletionLogprobs | None:
+def _completion_choice_logprobs(
+    service: GenerationService, job: ChoiceJob, result: Generation, logprobs: int | None
+) -> CompletionLogprobs | None:
     if logprobs is None:
         return None
     scored = generated_logprobs(service, result.logprobs, result.text_offsets, len(job.echo or ""))
     if job.echo is not None:
         scored = join_completion_logprobs(
-            prompt_logprobs(service, job.prompt_ids, result.prompt_logprobs, job.echo), scored)
+            prompt_logprobs(service, job.prompt_ids, result.prompt_logprobs, job.echo), scored
+        )
     return CompletionLogprobs(**scored)
 
 
@@ -263,22 +345,43 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_new = service.max_new_tokens(len(prompt_ids), requested, param)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    jobs = [ChoiceJob(prompt_ids, _params(body, service, max_new, choice, constraint, logprobs=logprobs))
-            for choice in range(body.n or 1)]
+    jobs = [
+        ChoiceJob(prompt_ids, _params(body, service, max_new, choice, constraint, logprobs=logprobs))
+        for choice in range(body.n or 1)
+    ]
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     streams = service.start([(job.prompt_ids, job.params) for job in jobs])
     if body.stream:
-        return _sse_response(_chat_chunks(service, completion_id, created, model, streams, logprobs is not None,
-                                          len(prompt_ids), _include_usage(body)))
+        return _sse_response(
+            _chat_chunks(
+                service,
+                completion_id,
+                created,
+                model,
+                streams,
+                logprobs is not None,
+                len(prompt_ids),
+                _include_usage(body),
+            )
+        )
     results = await _collect_all(service, request, streams)
-    choices = [ChatChoice(index=index, message=_assistant_message(plan, result),
-                          logprobs=ChatLogprobs(content=chat_logprobs(service, result.logprobs))
-                          if logprobs is not None else None,
-                          finish_reason=_chat_finish_reason(plan, result))
-               for index, result in enumerate(results)]
-    return ChatCompletion(id=completion_id, created=created, model=model, choices=choices,
-                          usage=_usage(len(prompt_ids), sum(r.completion_tokens for r in results)))
+    choices = [
+        ChatChoice(
+            index=index,
+            message=_assistant_message(plan, result),
+            logprobs=ChatLogprobs(content=chat_logprobs(service, result.logprobs)) if logprobs is not None else None,
+            finish_reason=_chat_finish_reason(plan, result),
+        )
+        for index, result in enumerate(results)
+    ]
+    return ChatCompletion(
+        id=completion_id,
+        created=created,
+        model=model,
+        choices=choices,
+        usage=_usage(len(prompt_ids), sum(r.completion_tokens for r in results)),
+    )
 
 
 def _with_instructions(messages: list[dict], instructions: str) -> list[dict]:
@@ -304,8 +407,9 @@ def _chat_finish_reason(plan: ToolCallPlan | None, result: Generation) -> str | 
 
 
 def _sse_response(chunks: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(chunks, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
 
 
 async def _merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
@@ -341,15 +445,31 @@ async def _merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, objec
                 await stream.aclose()
 
 
-async def _completion_chunks(service: GenerationService, completion_id: str, created: int, model: str,
-                             jobs: list[ChoiceJob], streams: list, logprobs: int | None, prompt_tokens: int,
-                             include_usage: bool) -> AsyncIterator[str]:
+async def _completion_chunks(
+    service: GenerationService,
+    completion_id: str,
+    created: int,
+    model: str,
+    jobs: list[ChoiceJob],
+    streams: list,
+    logprobs: int | None,
+    prompt_tokens: int,
+    include_usage: bool,
+) -> AsyncIterator[str]:
     """Choices interleaved as their tokens come; each choice's echo comes first: at once (a
     client sees the stream open even while its request waits for a slot), or with logprobs
     once its prompt is prefilled and scored."""
+
     def chunk(index: int, text: str, finish_reason: str | None, scored: dict | None = None) -> str:
-        return _sse({"id": completion_id, "object": "text_completion", "created": created, "model": model,
-                     "choices": [{"index": index, "text": text, "logprobs": scored, "finish_reason": finish_reason}]})
+        return _sse(
+            {
+                "id": completion_id,
+                "object": "text_completion",
+                "created": created,
+                "model": model,
+                "choices": [{"index": index, "text": text, "logprobs": scored, "finish_reason": finish_reason}],
+            }
+        )
 
     completion_tokens = [0] * len(jobs)
     sent_characters = [len(job.echo or "") for job in jobs]  # where the next text starts (text_offset)
@@ -366,30 +486,60 @@ async def _completion_chunks(service: GenerationService, completion_id: str, cre
         job = jobs[index]
         if job.echo is not None and not echoed[index]:
             echoed[index] = True
-            scored = None if logprobs is None else prompt_logprobs(service, job.prompt_ids, event.prompt_logprobs,
-                                                                   job.echo)
+            scored = (
+                None if logprobs is None else prompt_logprobs(service, job.prompt_ids, event.prompt_logprobs, job.echo)
+            )
             yield chunk(index, job.echo, None, scored)
         completion_tokens[index] = event.completion_tokens
         scored = None
         if logprobs is not None and event.logprobs:
-            scored = generated_logprobs(service, list(event.logprobs), [0] * len(event.logprobs),
-                                        sent_characters[index])
+            scored = generated_logprobs(
+                service, list(event.logprobs), [0] * len(event.logprobs), sent_characters[index]
+            )
         sent_characters[index] += len(event.text)
         if event.text or event.finish_reason or scored:
             yield chunk(index, event.text, event.finish_reason, scored)
     if include_usage:
-        yield _sse({"id": completion_id, "object": "text_completion", "created": created, "model": model,
-                    "choices": [], "usage": _usage(prompt_tokens, sum(completion_tokens)).model_dump()})
+        yield _sse(
+            {
+                "id": completion_id,
+                "object": "text_completion",
+                "created": created,
+                "model": model,
+                "choices": [],
+                "usage": _usage(prompt_tokens, sum(completion_tokens)).model_dump(),
+            }
+        )
     yield _sse("[DONE]")
 
 
-async def _chat_chunks(service: GenerationService, completion_id: str, created: int, model: str, streams: list,
-                       logprobs: bool, prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
+async def _chat_chunks(
+    service: GenerationService,
+    completion_id: str,
+    created: int,
+    model: str,
+    streams: list,
+    logprobs: bool,
+    prompt_tokens: int,
+    include_usage: bool,
+) -> AsyncIterator[str]:
     def chunk(index: int, delta: dict, finish_reason: str | None, scored: list | None = None) -> str:
-        return _sse({"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                     "choices": [{"index": index, "delta": delta,
-                                  "logprobs": None if scored is None else {"content": scored},
-                                  "finish_reason": finish_reason}]})
+        return _sse(
+            {
+                "id": completion_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [
+                    {
+                        "index": index,
+                        "delta": delta,
+                        "logprobs": None if scored is None else {"content": scored},
+                        "finish_reason": finish_reason,
+                    }
+                ],
+            }
+        )
 
     completion_tokens = [0] * len(streams)
     for index in range(len(streams)):
@@ -405,6 +555,14 @@ async def _chat_chunks(service: GenerationService, completion_id: str, created: 
         if event.finish_reason:
             yield chunk(index, {}, event.finish_reason)
     if include_usage:
-        yield _sse({"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                    "choices": [], "usage": _usage(prompt_tokens, sum(completion_tokens)).model_dump()})
+        yield _sse(
+            {
+                "id": completion_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [],
+                "usage": _usage(prompt_tokens, sum(completion_tokens)).model_dump(),
+            }
+        )
     yield _sse("[DONE]")

@@ -15,7 +15,7 @@ import logging
 import torch
 from torch import nn
 
-from .openelm import OpenELM
+from openelm_server.model.openelm import OpenELM
 
 log = logging.getLogger(__name__)
 

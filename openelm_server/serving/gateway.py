@@ -11,18 +11,18 @@ import functools
 import logging
 import re
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import AsyncIterator
 
 from fastapi import Request
 
-from .detokenize import IncrementalDetokenizer
-from .engine import Engine, EngineError, GenerationEvent, QueueFullError, RequestStream
-from .http_errors import ApiError
-from .logprobs import TokenLogprob
-from .metrics import Metrics
-from .sampling import SamplingParams
-from .settings import Settings
+from openelm_server.config import Settings
+from openelm_server.engine.async_engine import Engine, EngineError, GenerationEvent, QueueFullError, RequestStream
+from openelm_server.engine.logprobs import TokenLogprob
+from openelm_server.engine.output import IncrementalDetokenizer
+from openelm_server.engine.sampling import SamplingParams
+from openelm_server.serving.errors import ApiError
+from openelm_server.serving.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -62,36 +62,54 @@ class GenerationService:
         self.max_prompt_tokens = min(settings.max_prompt_tokens or self.max_model_len - 1, self.max_model_len - 1)
         # Ids the model embeds and the tokenizer can decode.
         self.vocab_size = min(engine.model.config.vocab_size, len(tokenizer))
+        # Logprobs name the same tokens again and again; one cache per gateway, freed with it.
+        self.token_text = functools.lru_cache(maxsize=65536)(self._token_text)
 
     def encode(self, text: str, param: str = "prompt") -> list[int]:
         """Token ids with BOS; a 400 when the prompt is empty or longer than the limit."""
         # Checked on characters first: a multi-megabyte prompt is refused before tokenizing it.
         if len(text) > self.max_prompt_tokens * 16:
-            raise ApiError(400, f"{param} is {len(text)} characters, far beyond the limit of "
-                                f"{self.max_prompt_tokens} tokens", param=param, code="context_length_exceeded")
+            raise ApiError(
+                400,
+                f"{param} is {len(text)} characters, far beyond the limit of {self.max_prompt_tokens} tokens",
+                param=param,
+                code="context_length_exceeded",
+            )
         ids = self.tokenizer(text).input_ids
         if len(ids) > self.max_prompt_tokens:
-            raise ApiError(400, f"{param} is {len(ids)} tokens; the limit is {self.max_prompt_tokens} "
-                                f"(context {self.max_model_len} tokens)", param=param, code="context_length_exceeded")
+            raise ApiError(
+                400,
+                f"{param} is {len(ids)} tokens; the limit is {self.max_prompt_tokens} "
+                f"(context {self.max_model_len} tokens)",
+                param=param,
+                code="context_length_exceeded",
+            )
         return ids
 
     def check_token_ids(self, token_ids: list[int], param: str) -> list[int]:
         """A prompt given as token ids, taken as sent (no BOS added), checked against the
         vocabulary and the prompt limit."""
         if len(token_ids) > self.max_prompt_tokens:
-            raise ApiError(400, f"{param} is {len(token_ids)} tokens; the limit is {self.max_prompt_tokens} "
-                                f"(context {self.max_model_len} tokens)", param=param, code="context_length_exceeded")
+            raise ApiError(
+                400,
+                f"{param} is {len(token_ids)} tokens; the limit is {self.max_prompt_tokens} "
+                f"(context {self.max_model_len} tokens)",
+                param=param,
+                code="context_length_exceeded",
+            )
         for index, token_id in enumerate(token_ids):
             if token_id >= self.vocab_size:
-                raise ApiError(400, f"{param}.{index} is {token_id}, not a token id (the vocabulary has "
-                                    f"{self.vocab_size} tokens)", param=f"{param}.{index}")
+                raise ApiError(
+                    400,
+                    f"{param}.{index} is {token_id}, not a token id (the vocabulary has {self.vocab_size} tokens)",
+                    param=f"{param}.{index}",
+                )
         return token_ids
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
-    @functools.lru_cache(maxsize=65536)
-    def token_text(self, token_id: int) -> tuple[str, bytes]:
+    def _token_text(self, token_id: int) -> tuple[str, bytes]:
         """A token as logprobs show it, and its UTF-8 bytes: SentencePiece's word-start mark
         becomes a space; a byte token that is not a whole character shows as ``bytes:\\xNN``
         (OpenAI's way), its ``bytes`` being that one byte."""
@@ -117,25 +135,32 @@ class GenerationService:
         pairs: dict[int, float] = {}
         for key, value in (bias or {}).items():
             if not key.isascii() or not key.isdigit() or int(key) >= self.vocab_size:
-                raise ApiError(400, f"logit_bias: {key!r} is not a token id (0 to {self.vocab_size - 1})",
-                               param=f"logit_bias.{key}")
+                raise ApiError(
+                    400,
+                    f"logit_bias: {key!r} is not a token id (0 to {self.vocab_size - 1})",
+                    param=f"logit_bias.{key}",
+                )
             pairs[int(key)] = pairs.get(int(key), 0.0) + value
         return tuple(pairs.items())
 
-    def max_new_tokens(self, prompt_tokens: int, requested: int | None, param: str,
-                       default: int | None = None) -> int:
+    def max_new_tokens(self, prompt_tokens: int, requested: int | None, param: str, default: int | None = None) -> int:
         """What a request may generate: its ask checked against the limits, or else the
         default, or else all the room left."""
         room = self.max_model_len - prompt_tokens
         if requested is None:
             return min(room, self.settings.max_tokens_limit, default or room)
         if requested > self.settings.max_tokens_limit:
-            raise ApiError(400, f"{param} is {requested}; this server allows at most {self.settings.max_tokens_limit}",
-                           param=param)
+            raise ApiError(
+                400, f"{param} is {requested}; this server allows at most {self.settings.max_tokens_limit}", param=param
+            )
         if requested > room:
-            raise ApiError(400, f"{param} is {requested}, but the prompt is {prompt_tokens} tokens and the context is "
-                                f"{self.max_model_len}: at most {room} tokens can be generated",
-                           param=param, code="context_length_exceeded")
+            raise ApiError(
+                400,
+                f"{param} is {requested}, but the prompt is {prompt_tokens} tokens and the context is "
+                f"{self.max_model_len}: at most {room} tokens can be generated",
+                param=param,
+                code="context_length_exceeded",
+            )
         return requested
 
     def start(self, jobs: list[tuple[list[int], SamplingParams]]) -> list[AsyncIterator[GenerationEvent]]:
@@ -148,8 +173,9 @@ class GenerationService:
                 started.append(self.engine.generate(prompt_ids, params))
         except QueueFullError as error:
             self._cancel(started)
-            raise ApiError(503, f"the server is busy: {error}; retry shortly", code="queue_full",
-                           headers={"Retry-After": "1"}) from error
+            raise ApiError(
+                503, f"the server is busy: {error}; retry shortly", code="queue_full", headers={"Retry-After": "1"}
+            ) from error
         except ValueError as error:
             self._cancel(started)
             raise ApiError(400, str(error)) from error
@@ -169,9 +195,13 @@ class GenerationService:
             while not stream.finished:
                 try:
                     event = await asyncio.wait_for(anext(stream), timeout=deadline - time.monotonic())
-                except asyncio.TimeoutError:
-                    raise ApiError(503, f"the request took longer than {self.settings.request_timeout:g} s "
-                                        "(--request-timeout) and was cancelled", code="timeout") from None
+                except TimeoutError:
+                    raise ApiError(
+                        503,
+                        f"the request took longer than {self.settings.request_timeout:g} s "
+                        "(--request-timeout) and was cancelled",
+                        code="timeout",
+                    ) from None
                 if event.error is not None:
                     raise engine_failure(event.error)
                 if first_token is None and event.token_ids:
@@ -180,8 +210,9 @@ class GenerationService:
         finally:
             stream.cancel()
             if event is not None:
-                self.metrics.observe_generation(event.prompt_tokens, event.completion_tokens, start,
-                                                first_token, time.monotonic())
+                self.metrics.observe_generation(
+                    event.prompt_tokens, event.completion_tokens, start, first_token, time.monotonic()
+                )
 
     async def collect(self, request: Request, events: AsyncIterator[GenerationEvent]) -> Generation:
         """Run a started request to the end; a client that disconnects meanwhile cancels it."""

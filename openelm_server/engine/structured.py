@@ -50,7 +50,7 @@ class Grammars:
                 self._token_table = llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=self.vocab_size)
             return self._token_table
 
-    def matcher(self, constraint: OutputConstraint) -> "ConstrainedDecoding":
+    def matcher(self, constraint: OutputConstraint) -> ConstrainedDecoding:
         """A fresh matcher; ValueError when the schema is not one llguidance can follow."""
         problem = constraint.problem()
         if problem:
@@ -74,7 +74,7 @@ class ConstrainedDecoding:
         needs torch.compile, which some machines cannot run."""
         llguidance.torch.fill_next_token_bitmask(self.matcher, self.bitmask, 0)
         bits = (self.bitmask[0].unsqueeze(1) >> self.BIT_POSITIONS) & 1
-        allowed = bits.flatten()[:logits.numel()].bool()
+        allowed = bits.flatten()[: logits.numel()].bool()
         logits.masked_fill_(~allowed.to(logits.device), float("-inf"))
 
     def accept(self, token_id: int) -> None:

@@ -37,7 +37,7 @@ class ChatTemplate:
             raise ChatTemplateError(f"{origin}: not a valid Jinja template ({error})") from error
 
     @classmethod
-    def choose(cls, template_file: str | None, tokenizer) -> "ChatTemplate":
+    def choose(cls, template_file: str | None, tokenizer) -> ChatTemplate:
         """A template file given by flag, else the tokenizer's own, else Zephyr."""
         tokens = dict(bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)
         if template_file:
@@ -52,8 +52,9 @@ class ChatTemplate:
 
     def render(self, messages: list[dict[str, str]]) -> str:
         try:
-            text = self.template.render(messages=messages, add_generation_prompt=True,
-                                        bos_token=self.bos_token, eos_token=self.eos_token)
+            text = self.template.render(
+                messages=messages, add_generation_prompt=True, bos_token=self.bos_token, eos_token=self.eos_token
+            )
         except TemplateError as error:
             raise ChatTemplateError(f"the chat template ({self.origin}) failed: {error}") from error
         # The tokenizer adds BOS; a template that writes it too would double it.

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .structured import ConstrainedDecoding, OutputConstraint
+from openelm_server.engine.structured import ConstrainedDecoding, OutputConstraint
 
 
 @dataclass(frozen=True)
@@ -67,8 +67,13 @@ def new_generator(seed: int | None, device: torch.device) -> torch.Generator:
     return generator
 
 
-def _penalize(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int], output_ids: list[int],
-              banned_token_ids: tuple[int, ...]) -> None:
+def _penalize(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    prompt_ids: list[int],
+    output_ids: list[int],
+    banned_token_ids: tuple[int, ...],
+) -> None:
     """Penalties as users know them: repetition as in transformers (prompt and output), and
     presence/frequency as in OpenAI's API (generated tokens only); then the logit bias, and
     banned tokens out. ``logits`` is one row."""
@@ -81,8 +86,9 @@ def _penalize(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int
         logits[tokens] -= params.presence_penalty + params.frequency_penalty * counts.to(logits.dtype)
     if params.logit_bias:
         ids, biases = zip(*params.logit_bias)
-        logits[torch.tensor(ids, device=logits.device)] += torch.tensor(biases, dtype=logits.dtype,
-                                                                        device=logits.device)
+        logits[torch.tensor(ids, device=logits.device)] += torch.tensor(
+            biases, dtype=logits.dtype, device=logits.device
+        )
     if banned_token_ids:
         logits[torch.tensor(banned_token_ids, device=logits.device)] = float("-inf")
 
@@ -115,9 +121,15 @@ class SamplingRow:
     @property
     def plain_greedy(self) -> bool:
         params = self.params
-        return (params.greedy and params.repetition_penalty == 1.0 and not params.presence_penalty
-                and not params.frequency_penalty and not params.logit_bias and not self.banned_token_ids
-                and self.constrained is None)
+        return (
+            params.greedy
+            and params.repetition_penalty == 1.0
+            and not params.presence_penalty
+            and not params.frequency_penalty
+            and not params.logit_bias
+            and not self.banned_token_ids
+            and self.constrained is None
+        )
 
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:

@@ -10,15 +10,28 @@ import datetime
 
 from fastapi.responses import JSONResponse
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               405: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
-               429: "rate_limit_error", 503: "overloaded_error"}
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
 OPENAI_SHAPED_PATHS = ("/v1", "/tokenize", "/detokenize", "/version")
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -33,8 +46,14 @@ def now_text() -> str:
 
 def error_body(path: str, error: ApiError) -> dict:
     if path.startswith(OPENAI_SHAPED_PATHS):
-        return {"error": {"message": error.message, "type": ERROR_TYPES.get(error.status, "server_error"),
-                          "param": error.param, "code": error.code}}
+        return {
+            "error": {
+                "message": error.message,
+                "type": ERROR_TYPES.get(error.status, "server_error"),
+                "param": error.param,
+                "code": error.code,
+            }
+        }
     return {"error": error.message, "status": error.status, "time": now_text()}
 
 

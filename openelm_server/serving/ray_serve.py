@@ -3,7 +3,7 @@
 On a running Ray cluster (``ray start --head`` on one machine, ``ray start --address=...`` on
 the others)::
 
-    serve run openelm_server.ray_serve:build_app model_path=/models/OpenELM-3B-Instruct \
+    serve run openelm_server.serving.ray_serve:build_app model_path=/models/OpenELM-3B-Instruct \
         tokenizer_path=/models/Llama-2-7b-hf num_replicas=2
 
 or the same arguments under ``args:`` in a Serve config file for ``serve deploy``. Ray Serve's
@@ -28,18 +28,25 @@ import sys
 from ray import serve
 from ray.serve import Application
 
-from .app import create_app
-from .middleware import RequestIdFilter
-from .replica_id import new_replica_id
-from .settings import Settings, build_parser, load_settings
-from .startup import build_engine
+from openelm_server.config import Settings, build_parser, load_settings
+from openelm_server.serving.app import create_app
+from openelm_server.serving.middleware import RequestIdFilter
+from openelm_server.serving.replica_id import new_replica_id
+from openelm_server.startup import build_engine
 
 DEPLOYMENT_NAME = "OpenELM"
 
 # What Ray Serve does with the replicas, as opposed to what each replica's engine does
 # (README, "More than one GPU", explains each).
-DEPLOYMENT_ARGS = ("num_replicas", "min_replicas", "max_replicas", "target_ongoing_requests",
-                   "max_ongoing_requests", "max_queued_requests", "num_gpus")
+DEPLOYMENT_ARGS = (
+    "num_replicas",
+    "min_replicas",
+    "max_replicas",
+    "target_ongoing_requests",
+    "max_ongoing_requests",
+    "max_queued_requests",
+    "num_gpus",
+)
 AUTOSCALING_ARGS = ("min_replicas", "max_replicas", "target_ongoing_requests")
 # Ray Serve's proxy owns the listening address, for all replicas together.
 PROXY_SETTINGS = ("host", "port")
@@ -80,16 +87,19 @@ def build_app(args: dict) -> Application:
     setting_names = {field.name for field in dataclasses.fields(Settings)}
     unknown = sorted(set(args) - setting_names - set(DEPLOYMENT_ARGS))
     if unknown:
-        raise BuildArgsError(f"unknown argument(s) {', '.join(unknown)}; known: api.py's settings "
-                             f"({', '.join(sorted(setting_names - set(PROXY_SETTINGS)))}) and "
-                             f"{', '.join(DEPLOYMENT_ARGS)}")
+        raise BuildArgsError(
+            f"unknown argument(s) {', '.join(unknown)}; known: api.py's settings "
+            f"({', '.join(sorted(setting_names - set(PROXY_SETTINGS)))}) and "
+            f"{', '.join(DEPLOYMENT_ARGS)}"
+        )
     proxy_args = sorted(set(args) & set(PROXY_SETTINGS))
     if proxy_args:
-        raise BuildArgsError(f"{', '.join(proxy_args)}: on Ray Serve the HTTP proxy listens for all replicas; "
-                             "set its address with `serve start --http-host ... --http-port ...` or http_options "
-                             "in the Serve config file")
-    settings = _settings_from(
-        {name: value for name, value in args.items() if name in setting_names})
+        raise BuildArgsError(
+            f"{', '.join(proxy_args)}: on Ray Serve the HTTP proxy listens for all replicas; "
+            "set its address with `serve start --http-host ... --http-port ...` or http_options "
+            "in the Serve config file"
+        )
+    settings = _settings_from({name: value for name, value in args.items() if name in setting_names})
     deployment = {name: value for name, value in args.items() if name in DEPLOYMENT_ARGS}
     num_gpus = _number(deployment, "num_gpus", float, 0 if settings.device == "cpu" else 1)
     if settings.device == "auto":
@@ -97,8 +107,9 @@ def build_app(args: dict) -> Application:
         # for itself: auto means a GPU per replica here, unless num_gpus=0 asks for none.
         settings = dataclasses.replace(settings, device="cuda" if num_gpus > 0 else "cpu")
     if settings.device.startswith("cuda:"):
-        raise BuildArgsError(f"device={settings.device}: on Ray Serve each replica sees only the GPU Ray gives it; "
-                             "use device=cuda")
+        raise BuildArgsError(
+            f"device={settings.device}: on Ray Serve each replica sees only the GPU Ray gives it; use device=cuda"
+        )
     if settings.device == "cuda" and num_gpus <= 0:
         raise BuildArgsError(f"device=cuda needs num_gpus of at least 1, got {num_gpus:g}")
     if settings.device == "cpu" and num_gpus > 0:
@@ -106,8 +117,9 @@ def build_app(args: dict) -> Application:
 
     options = dict(
         ray_actor_options={"num_gpus": num_gpus},
-        max_ongoing_requests=_number(deployment, "max_ongoing_requests", int,
-                                     settings.max_batch_size + settings.max_queue),
+        max_ongoing_requests=_number(
+            deployment, "max_ongoing_requests", int, settings.max_batch_size + settings.max_queue
+        ),
         max_queued_requests=_number(deployment, "max_queued_requests", int, settings.max_queue),
         backpressure_config={"status_code": 503, "retry_after_s": RETRY_AFTER_S},
         # Ray's grace period for a replica being stopped, as --shutdown-timeout is for api.py.
@@ -116,8 +128,9 @@ def build_app(args: dict) -> Application:
     autoscaling = {name: deployment[name] for name in AUTOSCALING_ARGS if name in deployment}
     if autoscaling:
         if "num_replicas" in deployment:
-            raise BuildArgsError(f"num_replicas fixes the replica count; it cannot go with autoscaling "
-                                 f"({', '.join(autoscaling)})")
+            raise BuildArgsError(
+                f"num_replicas fixes the replica count; it cannot go with autoscaling ({', '.join(autoscaling)})"
+            )
         if "max_replicas" not in deployment:
             raise BuildArgsError(f"autoscaling ({', '.join(autoscaling)}) needs max_replicas, the most replicas to run")
         options["autoscaling_config"] = {
@@ -151,8 +164,9 @@ def _settings_from(values: dict) -> Settings:
     except SystemExit:
         # argparse printed "usage: ... error: argument --max-batch-size: must be at least 1"; keep its reason.
         reason = stderr.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]
-        raise BuildArgsError(f"invalid argument: {reason} (arguments are api.py's flags, "
-                             "with _ for - and no leading --)") from None
+        raise BuildArgsError(
+            f"invalid argument: {reason} (arguments are api.py's flags, with _ for - and no leading --)"
+        ) from None
 
 
 def _boolean(name: str, value) -> bool:

@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from .cpu_linear import embedding_copy_megabytes, use_onednn_linears, use_plain_linears
-from .openelm import ForwardBatch, OpenELM
+from openelm_server.model.cpu_linear import embedding_copy_megabytes, use_onednn_linears, use_plain_linears
+from openelm_server.model.openelm import ForwardBatch, OpenELM
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,11 @@ def time_steps(model: OpenELM) -> float:
 
     def decode(count: int):
         positions = torch.full((count, 1), PREFILL_TOKENS)
-        model.logits(model(torch.ones(count, 1, dtype=torch.long), ForwardBatch.build(cache, list(range(count)),
-                                                                                       positions))[:, -1])
+        model.logits(
+            model(torch.ones(count, 1, dtype=torch.long), ForwardBatch.build(cache, list(range(count)), positions))[
+                :, -1
+            ]
+        )
 
     total = 0.0
     for step in [prefill] + [lambda count=count: decode(count) for count in DECODE_ROWS]:
@@ -61,10 +64,16 @@ def choose_linear_kernels(model: OpenELM) -> bool:
     keep_onednn = onednn_ms < plain_ms
     if not keep_onednn:
         use_plain_linears(model)
-    log.info("linear kernels timed on this CPU (decode of %s sequences + a %d-token prefill): oneDNN %.0f ms, "
-             "PyTorch %.0f ms; using %s (--onednn-linear / --no-onednn-linear to force one)%s",
-             " and ".join(map(str, DECODE_ROWS)), PREFILL_TOKENS, onednn_ms, plain_ms,
-             "oneDNN" if keep_onednn else "PyTorch",
-             f"; oneDNN holds the token embedding twice, {embedding_copy_megabytes(model):.0f} MB extra"
-             if keep_onednn else "")
+    log.info(
+        "linear kernels timed on this CPU (decode of %s sequences + a %d-token prefill): oneDNN %.0f ms, "
+        "PyTorch %.0f ms; using %s (--onednn-linear / --no-onednn-linear to force one)%s",
+        " and ".join(map(str, DECODE_ROWS)),
+        PREFILL_TOKENS,
+        onednn_ms,
+        plain_ms,
+        "oneDNN" if keep_onednn else "PyTorch",
+        f"; oneDNN holds the token embedding twice, {embedding_copy_megabytes(model):.0f} MB extra"
+        if keep_onednn
+        else "",
+    )
     return keep_onednn

@@ -8,11 +8,17 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from .chat import ChatTemplateError
-from .generation import GenerationService
-from .http_errors import ApiError
-from .schemas import (DetokenizeRequest, DetokenizeResponse, ErrorResponse, TokenizeRequest, TokenizeResponse,
-                      VersionResponse)
+from openelm_server.serving.chat_template import ChatTemplateError
+from openelm_server.serving.errors import ApiError
+from openelm_server.serving.gateway import GenerationService
+from openelm_server.serving.protocol import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+    VersionResponse,
+)
 
 SERVER_VERSION = "1.0"
 
@@ -22,8 +28,12 @@ router = APIRouter(responses={400: {"model": ErrorResponse}, 404: {"model": Erro
 def _check_model(request: Request, model: str | None) -> None:
     name = request.app.state.settings.model_name
     if model is not None and model != name:
-        raise ApiError(404, f"the model {model!r} does not exist; this server serves {name!r}",
-                       param="model", code="model_not_found")
+        raise ApiError(
+            404,
+            f"the model {model!r} does not exist; this server serves {name!r}",
+            param="model",
+            code="model_not_found",
+        )
 
 
 @router.post("/tokenize", response_model=TokenizeResponse)
@@ -34,11 +44,18 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
         raise ApiError(400, "send either prompt or messages", param="prompt")
     if body.messages is not None:
         if body.add_generation_prompt is False:
-            raise ApiError(400, "add_generation_prompt false is not supported: chat prompts always end with the "
-                                "assistant's turn", param="add_generation_prompt")
+            raise ApiError(
+                400,
+                "add_generation_prompt false is not supported: chat prompts always end with the assistant's turn",
+                param="add_generation_prompt",
+            )
         if body.add_special_tokens is not None:
-            raise ApiError(400, "add_special_tokens is not supported with messages: the tokens are those "
-                                "/v1/chat/completions uses (BOS first)", param="add_special_tokens")
+            raise ApiError(
+                400,
+                "add_special_tokens is not supported with messages: the tokens are those "
+                "/v1/chat/completions uses (BOS first)",
+                param="add_special_tokens",
+            )
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
             text = request.app.state.chat_template.render(messages)
@@ -50,8 +67,9 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
             raise ApiError(400, "add_generation_prompt applies to messages only", param="add_generation_prompt")
         tokens = service.tokenizer(body.prompt, add_special_tokens=body.add_special_tokens is not False).input_ids
     token_strs = service.tokenizer.convert_ids_to_tokens(tokens) if body.return_token_strs else None
-    return TokenizeResponse(count=len(tokens), max_model_len=service.max_model_len, tokens=tokens,
-                            token_strs=token_strs)
+    return TokenizeResponse(
+        count=len(tokens), max_model_len=service.max_model_len, tokens=tokens, token_strs=token_strs
+    )
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse)

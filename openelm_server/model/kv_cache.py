@@ -12,8 +12,15 @@ import torch
 
 
 class KVCache:
-    def __init__(self, num_kv_heads: tuple[int, ...], head_dim: int, num_slots: int, max_length: int,
-                 dtype: torch.dtype, device: torch.device | str):
+    def __init__(
+        self,
+        num_kv_heads: tuple[int, ...],
+        head_dim: int,
+        num_slots: int,
+        max_length: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
         self.num_slots = num_slots
         self.max_length = max_length
         self.keys = [torch.zeros(num_slots, h, max_length, head_dim, dtype=dtype, device=device) for h in num_kv_heads]
@@ -21,8 +28,9 @@ class KVCache:
         self._free_slots = list(range(num_slots))
 
     @staticmethod
-    def bytes_needed(num_kv_heads: tuple[int, ...], head_dim: int, num_slots: int, max_length: int,
-                     dtype: torch.dtype) -> int:
+    def bytes_needed(
+        num_kv_heads: tuple[int, ...], head_dim: int, num_slots: int, max_length: int, dtype: torch.dtype
+    ) -> int:
         element_size = torch.empty((), dtype=dtype).element_size()
         return 2 * sum(num_kv_heads) * head_dim * num_slots * max_length * element_size
 
@@ -51,8 +59,9 @@ class KVCache:
             raise ValueError(f"slot {slot} is not allocated")
         self._free_slots.append(slot)
 
-    def write(self, layer: int, slot_index: torch.Tensor, positions: torch.Tensor,
-              keys: torch.Tensor, values: torch.Tensor) -> None:
+    def write(
+        self, layer: int, slot_index: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+    ) -> None:
         """Store [batch, heads, length, dim] keys/values at (slot_index, positions), both [batch, length]."""
         self.keys[layer][slot_index, :, positions] = keys.transpose(1, 2)
         self.values[layer][slot_index, :, positions] = values.transpose(1, 2)

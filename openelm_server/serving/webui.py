@@ -14,7 +14,7 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse
 
-from .http_errors import ApiError
+from openelm_server.serving.errors import ApiError
 
 WEBUI_DIR = Path(__file__).resolve().parent / "webui"
 ASSET_PREFIX = "/webui/"
@@ -41,19 +41,21 @@ def router(enabled: bool) -> APIRouter:
     @routes.get("/")
     async def landing(request: Request):
         if enabled and wants_html(request.headers.get("accept", "")):
-            return FileResponse(WEBUI_DIR / "index.html", media_type="text/html; charset=utf-8",
-                                headers={**NO_CACHE, "Vary": "Accept"})
+            return FileResponse(
+                WEBUI_DIR / "index.html", media_type="text/html; charset=utf-8", headers={**NO_CACHE, "Vary": "Accept"}
+            )
         settings = request.app.state.settings
         description = {
             "name": "OpenELM server",
             "model": settings.model_name,
             "web_page": "open / in a browser" if enabled else "off (--no-webui)",
             "links": {"docs": "/docs", "models": "/v1/models", "health": "/health", "stats": "/stats"},
-            "generate": "POST / with {\"prompt\": ...}, or the OpenAI API under /v1",
+            "generate": 'POST / with {"prompt": ...}, or the OpenAI API under /v1',
         }
         return JSONResponse(description, headers={"Vary": "Accept"})
 
     if enabled:
+
         @routes.get(ASSET_PREFIX + "{name}")
         async def asset(name: str):
             if name not in ASSETS:

@@ -1,0 +1,1 @@
+"""The generation engine: requests, scheduling, batched forwards, sampling and output. Knows nothing of HTTP."""

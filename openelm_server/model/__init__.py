@@ -1,0 +1,1 @@
+"""OpenELM itself: configuration, layers, checkpoint loading, KV cache and CPU kernels."""

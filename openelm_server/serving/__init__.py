@@ -1,0 +1,1 @@
+"""HTTP: one file per API, schemas, errors and middleware. Knows nothing of tensors."""

@@ -1,0 +1,1 @@
+"""Random checkpoints, tokenizers and published configurations for tests, benchmarks and the demo."""
