@@ -53,7 +53,9 @@ from bench.common import (
     versions,
     write_json,
 )
-from openelm_server.model.openelm import OpenELMConfig, expected_tensor_shapes, published_config
+from openelm_server.model.config import OpenELMConfig
+from openelm_server.model.loader import expected_tensor_shapes
+from openelm_server.testing.checkpoints import published_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

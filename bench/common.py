@@ -273,7 +273,8 @@ def model_info(model_dir: str | Path | None) -> dict | None:
     """Shape and size of an OpenELM checkpoint directory, from its config.json."""
     if not model_dir or not (Path(model_dir) / "config.json").is_file():
         return None
-    from openelm_server.model.openelm import OpenELMConfig, expected_tensor_shapes
+    from openelm_server.model.config import OpenELMConfig
+    from openelm_server.model.loader import expected_tensor_shapes
 
     raw = json.loads((Path(model_dir) / "config.json").read_text())
     config = OpenELMConfig.from_dict(raw)

@@ -34,8 +34,11 @@ import torch
 from openelm_server.engine.async_engine import Engine, EngineConfig
 from openelm_server.engine.cuda_graphs import StaticDecoder
 from openelm_server.engine.sampling import SamplingParams
-from openelm_server.model.openelm import ForwardBatch, OpenELM, OpenELMConfig, load_openelm, published_config
+from openelm_server.model.config import OpenELMConfig
+from openelm_server.model.loader import load_openelm
+from openelm_server.model.openelm import ForwardBatch, OpenELM
 from openelm_server.startup import compile_elementwise
+from openelm_server.testing.checkpoints import published_config
 from openelm_server.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

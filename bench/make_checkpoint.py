@@ -26,13 +26,9 @@ from pathlib import Path
 
 import torch
 
-from openelm_server.model.openelm import (
-    OpenELMConfig,
-    expected_tensor_shapes,
-    published_config,
-    random_state_dict,
-    write_checkpoint,
-)
+from openelm_server.model.config import OpenELMConfig
+from openelm_server.model.loader import expected_tensor_shapes
+from openelm_server.testing.checkpoints import published_config, random_state_dict, write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

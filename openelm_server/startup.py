@@ -12,18 +12,12 @@ from openelm_server.config import Settings
 from openelm_server.demo import DemoError
 from openelm_server.engine.async_engine import Engine, EngineConfig
 from openelm_server.listen import ListenError
+from openelm_server.model.config import CheckpointError, OpenELMConfig
 from openelm_server.model.cpu_linear import can_use_onednn, embedding_copy_megabytes, use_onednn_linears
 from openelm_server.model.kv_cache import KVCache
 from openelm_server.model.linear_choice import choose_linear_kernels
-from openelm_server.model.openelm import (
-    CheckpointError,
-    ForwardBatch,
-    OpenELM,
-    OpenELMConfig,
-    checkpoint_files,
-    fuse_elementwise,
-    load_openelm,
-)
+from openelm_server.model.loader import checkpoint_files, load_openelm
+from openelm_server.model.openelm import ForwardBatch, OpenELM, fuse_elementwise
 from openelm_server.serving.chat_template import ChatTemplate, ChatTemplateError
 from openelm_server.tokenizer import TokenizerError, load_tokenizer
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from openelm_server.demo import train_tokenizer, write_tiny_checkpoint
+from openelm_server.testing.checkpoints import train_tokenizer, write_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_FIXTURES = ROOT.parent / "shared" / "fixtures"

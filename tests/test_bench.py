@@ -74,7 +74,7 @@ def test_bandwidth_and_roofline():
 
 
 def test_make_checkpoint_writes_a_loadable_published_layout(tmp_path):
-    from openelm_server.model.openelm import load_openelm
+    from openelm_server.model.loader import load_openelm
 
     out = tmp_path / "openelm-small"
     args = [
@@ -104,7 +104,7 @@ def test_make_checkpoint_writes_a_loadable_published_layout(tmp_path):
 
 def test_the_baseline_matches_the_openelm_size():
     from bench.baseline_hf import llama_config_for
-    from openelm_server.model.openelm import published_config
+    from openelm_server.testing.checkpoints import published_config
 
     for size in ("270M", "3B"):
         _, description = llama_config_for(published_config(size))

@@ -12,7 +12,7 @@ import pytest
 
 from bench.make_checkpoint import build_config
 from bench.peers.llama_cpp import published_layout
-from openelm_server.model.openelm import OpenELMConfig, make_divisible
+from openelm_server.model.config import OpenELMConfig, make_divisible
 
 ROOT = Path(__file__).resolve().parents[1]
 

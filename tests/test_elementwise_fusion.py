@@ -10,7 +10,8 @@ from collections import Counter
 
 import torch
 
-from openelm_server.model.openelm import ForwardBatch, OpenELM, fuse_elementwise, load_openelm
+from openelm_server.model.loader import load_openelm
+from openelm_server.model.openelm import ForwardBatch, OpenELM, fuse_elementwise
 from openelm_server.startup import compile_elementwise
 
 

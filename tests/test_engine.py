@@ -13,7 +13,7 @@ import torch
 
 from openelm_server.engine.async_engine import Engine, EngineConfig, QueueFullError
 from openelm_server.engine.sampling import SamplingParams
-from openelm_server.model.openelm import load_openelm
+from openelm_server.model.loader import load_openelm
 from openelm_server.tokenizer import load_tokenizer
 
 

@@ -11,7 +11,8 @@ import torch
 from openelm_server.engine.async_engine import Engine, EngineConfig
 from openelm_server.engine.output import StopStringMatcher
 from openelm_server.engine.sampling import SamplingParams
-from openelm_server.model.openelm import ForwardBatch, load_openelm
+from openelm_server.model.loader import load_openelm
+from openelm_server.model.openelm import ForwardBatch
 from openelm_server.tokenizer import load_tokenizer
 
 PROMPTS = [[1, 5, 9, 30, 31], [1, 70, 71], [1, 100, 101, 102, 103, 104, 105]]

@@ -736,7 +736,7 @@ def test_graceful_shutdown(fleet, name, sig):
 
 def make_engine(serving_dirs, **config):
     from openelm_server.engine.async_engine import Engine, EngineConfig
-    from openelm_server.model.openelm import load_openelm
+    from openelm_server.model.loader import load_openelm
     from openelm_server.tokenizer import load_tokenizer
 
     model_dir, tokenizer_dir = serving_dirs

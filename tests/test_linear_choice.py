@@ -13,7 +13,8 @@ from openelm_server.config import load_settings
 from openelm_server.model import linear_choice
 from openelm_server.model.cpu_linear import OneDnnLinear, can_use_onednn, use_onednn_linears, use_plain_linears
 from openelm_server.model.linear_choice import choose_linear_kernels
-from openelm_server.model.openelm import ForwardBatch, OpenELM, load_openelm
+from openelm_server.model.loader import load_openelm
+from openelm_server.model.openelm import ForwardBatch, OpenELM
 
 
 @torch.inference_mode()

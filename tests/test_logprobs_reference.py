@@ -9,7 +9,8 @@ import pytest
 import torch
 from in_process import InProcessServer
 
-from openelm_server.model.openelm import ForwardBatch, load_openelm
+from openelm_server.model.loader import load_openelm
+from openelm_server.model.openelm import ForwardBatch
 
 TOLERANCE = 1e-3
 

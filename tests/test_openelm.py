@@ -11,17 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from openelm_server.demo import tiny_config, write_tiny_checkpoint
+from openelm_server.model.config import CheckpointError, OpenELMConfig
 from openelm_server.model.cpu_linear import OneDnnLinear, can_use_onednn, use_onednn_linears
-from openelm_server.model.openelm import (
-    CheckpointError,
-    ForwardBatch,
-    OpenELM,
-    OpenELMConfig,
-    count_parameters,
-    load_openelm,
-    published_config,
-)
+from openelm_server.model.loader import count_parameters, load_openelm
+from openelm_server.model.openelm import ForwardBatch, OpenELM
+from openelm_server.testing.checkpoints import published_config, tiny_config, write_tiny_checkpoint
 from openelm_server.tokenizer import TokenizerError, load_tokenizer
 
 

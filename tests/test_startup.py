@@ -140,7 +140,7 @@ def test_broken_tokenizer_file(tmp_path, serving_dirs):
 
 
 def test_tokenizer_larger_than_the_model_vocabulary(tmp_path, serving_dirs):
-    from openelm_server.demo import write_tiny_checkpoint
+    from openelm_server.testing.checkpoints import write_tiny_checkpoint
 
     model_dir = write_tiny_checkpoint(tmp_path / "small-vocab", vocab_size=64)
     result = run_api(*served((model_dir, serving_dirs[1]), "--port", str(free_port())))

@@ -42,7 +42,7 @@ from bench.common import (
     versions,
     write_json,
 )
-from openelm_server.model.openelm import OpenELMConfig
+from openelm_server.model.config import OpenELMConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
