@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from openelm_server.engine.async_engine import Engine, EngineConfig
+from openelm_server.engine.async_engine import Engine
+from openelm_server.engine.config import EngineConfig
 from openelm_server.engine.cuda_graphs import StaticDecoder
 from openelm_server.engine.sampling import SamplingParams
 from openelm_server.model.config import OpenELMConfig

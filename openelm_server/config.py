@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from openelm_server.engine.config import EngineConfig
+
 DEFAULT_MODEL_PATH = "/root/autodl-tmp/OpenELM-3B-Instruct"
 DEFAULT_TOKENIZER_PATH = "/root/autodl-tmp/Llama-2-7b-hf"
 # The names people copy from Hugging Face, ModelScope and the README's examples.
@@ -29,10 +31,10 @@ class Settings:
     dtype: str = "auto"
     served_model_name: str | None = None
     chat_template: str | None = None
-    max_batch_size: int = 32
-    max_model_len: int = 2048
-    max_queue: int = 256
-    max_prefill_tokens: int = 4096
+    max_batch_size: int = EngineConfig.max_batch_size
+    max_model_len: int = EngineConfig.max_model_len
+    max_queue: int = EngineConfig.max_queue
+    max_prefill_tokens: int = EngineConfig.max_prefill_tokens
     gpu_memory_utilization: float | None = None
     max_tokens_limit: int = 2048
     max_prompt_tokens: int | None = None
@@ -41,7 +43,7 @@ class Settings:
     api_key: str | None = None
     cors_origins: tuple[str, ...] = ()
     log_prompts: bool = True
-    cuda_graphs: bool = True
+    cuda_graphs: bool = EngineConfig.cuda_graphs
     compile: bool = True
     onednn_linear: bool | None = None  # None: timed against PyTorch's at start-up
     webui: bool = True

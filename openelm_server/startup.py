@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -10,7 +11,8 @@ import torch
 
 from openelm_server.config import Settings
 from openelm_server.demo import DemoError
-from openelm_server.engine.async_engine import Engine, EngineConfig
+from openelm_server.engine.async_engine import Engine
+from openelm_server.engine.config import EngineConfig
 from openelm_server.listen import ListenError
 from openelm_server.model.config import CheckpointError, OpenELMConfig
 from openelm_server.model.cpu_linear import can_use_onednn, embedding_copy_megabytes, use_onednn_linears
@@ -148,11 +150,9 @@ def build_engine(settings: Settings) -> tuple[Engine, object]:
     max_model_len = min(settings.max_model_len, model.config.max_context_length)
     if max_model_len < settings.max_model_len:
         log.warning("--max-model-len %d is beyond the model's context; using %d", settings.max_model_len, max_model_len)
+    # Every engine setting comes from the flag of the same name; two are fitted to the machine.
     config = EngineConfig(
-        max_batch_size=slots_that_fit(model, settings, device, dtype),
-        max_model_len=max_model_len,
-        max_queue=settings.max_queue,
-        max_prefill_tokens=settings.max_prefill_tokens,
-        cuda_graphs=settings.cuda_graphs,
+        **{field.name: getattr(settings, field.name) for field in dataclasses.fields(EngineConfig)}
+        | {"max_batch_size": slots_that_fit(model, settings, device, dtype), "max_model_len": max_model_len}
     )
     return Engine(model, tokenizer, config), tokenizer

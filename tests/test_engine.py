@@ -11,7 +11,8 @@ import time
 import pytest
 import torch
 
-from openelm_server.engine.async_engine import Engine, EngineConfig, QueueFullError
+from openelm_server.engine.async_engine import Engine, QueueFullError
+from openelm_server.engine.config import EngineConfig
 from openelm_server.engine.sampling import SamplingParams
 from openelm_server.model.loader import load_openelm
 from openelm_server.tokenizer import load_tokenizer

@@ -8,7 +8,8 @@ import asyncio
 import pytest
 import torch
 
-from openelm_server.engine.async_engine import Engine, EngineConfig
+from openelm_server.engine.async_engine import Engine
+from openelm_server.engine.config import EngineConfig
 from openelm_server.engine.output import StopStringMatcher
 from openelm_server.engine.sampling import SamplingParams
 from openelm_server.model.loader import load_openelm

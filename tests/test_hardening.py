@@ -735,7 +735,8 @@ def test_graceful_shutdown(fleet, name, sig):
 
 
 def make_engine(serving_dirs, **config):
-    from openelm_server.engine.async_engine import Engine, EngineConfig
+    from openelm_server.engine.async_engine import Engine
+    from openelm_server.engine.config import EngineConfig
     from openelm_server.model.loader import load_openelm
     from openelm_server.tokenizer import load_tokenizer
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from openelm_server.engine.config import EngineConfig
 from openelm_server.engine.cuda_graphs import StaticDecoder
 from openelm_server.engine.logprobs import TokenLogprob, log_softmax, prompt_logprobs, token_logprobs
 from openelm_server.engine.output import IncrementalDetokenizer, StopStringMatcher
@@ -26,16 +27,7 @@ from openelm_server.model.openelm import ForwardBatch, OpenELM
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Engine", "EngineConfig", "EngineError", "GenerationEvent", "QueueFullError", "RequestStream"]
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    max_batch_size: int = 32
-    max_model_len: int = 2048
-    max_queue: int = 256
-    max_prefill_tokens: int = 4096
-    cuda_graphs: bool = True
+__all__ = ["Engine", "EngineError", "GenerationEvent", "QueueFullError", "RequestStream"]
 
 
 class EngineError(Exception):
