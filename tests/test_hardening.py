@@ -548,7 +548,7 @@ def test_client_request_id_is_echoed_and_logged(server):
     assert response.status_code == 200 and response.headers["x-request-id"] == rid
     lines = wait_for(lambda: [line for line in log_lines_with(server, rid) if "openelm_server.access" in line], 5)
     assert lines and '"POST /" 200' in lines[0]
-    assert any("openelm_server.tutorial" in line and "Request id test" in line for line in log_lines_with(server, rid))
+    assert any("openelm_server.legacy" in line and "Request id test" in line for line in log_lines_with(server, rid))
 
     rid = "x" * 128  # the longest accepted
     response = requests.post(
@@ -562,7 +562,7 @@ def test_client_request_id_is_echoed_and_logged(server):
         server.url + "/", json=tutorial("Streamed id test", 3, stream=True), headers={"X-Request-ID": rid}, timeout=30
     )
     assert response.headers["x-request-id"] == rid
-    assert wait_for(lambda: any("openelm_server.tutorial" in line for line in log_lines_with(server, rid)), 5)
+    assert wait_for(lambda: any("openelm_server.legacy" in line for line in log_lines_with(server, rid)), 5)
 
 
 @pytest.mark.parametrize(

@@ -236,11 +236,11 @@ def test_chat_stream_logprobs_equal_the_whole_answer(app):
 
 def test_byte_tokens_show_as_bytes(app):
     """A byte-fallback token that is not a whole character: OpenAI's "bytes:\\xNN" and its byte."""
-    service = app.app.state.service
-    byte_id = service.tokenizer.convert_tokens_to_ids("<0xE4>")
-    assert service.token_text(byte_id) == ("bytes:\\xe4", b"\xe4")
-    newline_id = service.tokenizer.convert_tokens_to_ids("<0x0A>")
-    assert service.token_text(newline_id) == ("\n", b"\n")
+    gateway = app.app.state.gateway
+    byte_id = gateway.tokenizer.convert_tokens_to_ids("<0xE4>")
+    assert gateway.token_text(byte_id) == ("bytes:\\xe4", b"\xe4")
+    newline_id = gateway.tokenizer.convert_tokens_to_ids("<0x0A>")
+    assert gateway.token_text(newline_id) == ("\n", b"\n")
 
 
 def test_logprobs_with_the_openai_sdk(app):

@@ -77,7 +77,7 @@ def test_bad_token_ids_are_400_naming_the_field(app, prompt, param):
 
 
 def test_vocabulary_edge(app):
-    vocab = app.app.state.service.vocab_size
+    vocab = app.app.state.gateway.vocab_size
     assert complete(app, [1, vocab - 1], max_tokens=1)["usage"]["prompt_tokens"] == 2
     response = app.post("/v1/completions", {"prompt": [1, vocab], "max_tokens": 1})
     assert response.status_code == 400 and response.json()["error"]["param"] == "prompt.1"

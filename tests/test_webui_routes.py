@@ -119,8 +119,8 @@ def test_page_files_count_under_one_metrics_route(built):
             return (await client.get("/metrics")).text
 
     metrics = asyncio.run(go())
-    assert 'openelm_http_requests_total{route="/webui",status="200"} 2.0' in metrics
-    assert 'openelm_http_requests_total{route="/webui",status="404"} 1.0' in metrics
+    assert 'openelm_http_requests_total{route="/webui/{name}",status="200"} 2.0' in metrics
+    assert 'openelm_http_requests_total{route="/webui/{name}",status="404"} 1.0' in metrics
     assert 'openelm_http_requests_total{route="/",status="200"} 1.0' in metrics
 
 

@@ -1,4 +1,4 @@
-"""The bridge from HTTP routes to the engine: tokens in, limits, timeouts, metrics, events out.
+"""The gateway from HTTP routes to the engine: tokens in, limits, timeouts, metrics, events out.
 
 Routes call this and never touch tensors; the engine below never sees a request object.
 """
@@ -46,13 +46,17 @@ class Generation:
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
 
-def engine_failure(error: EngineError) -> ApiError:
+def api_error_from_engine(error: EngineError) -> ApiError:
+    """A failed generation as the client sees it: retryable ones (out of memory, shutting down) are 503s."""
     if error.retryable:
         return ApiError(503, str(error), code="overloaded", headers={"Retry-After": "1"})
     return ApiError(500, str(error), code="internal_error")
 
 
-class GenerationService:
+class Gateway:
+    """What the routes share: encoding and limits, starting requests on the engine, collecting or
+    streaming their events under the timeout, and their metrics."""
+
     def __init__(self, engine: Engine, tokenizer, settings: Settings, metrics: Metrics):
         self.engine = engine
         self.tokenizer = tokenizer
@@ -76,27 +80,23 @@ class GenerationService:
                 code="context_length_exceeded",
             )
         ids = self.tokenizer(text).input_ids
-        if len(ids) > self.max_prompt_tokens:
+        self._check_prompt_length(len(ids), param)
+        return ids
+
+    def _check_prompt_length(self, tokens: int, param: str) -> None:
+        if tokens > self.max_prompt_tokens:
             raise ApiError(
                 400,
-                f"{param} is {len(ids)} tokens; the limit is {self.max_prompt_tokens} "
+                f"{param} is {tokens} tokens; the limit is {self.max_prompt_tokens} "
                 f"(context {self.max_model_len} tokens)",
                 param=param,
                 code="context_length_exceeded",
             )
-        return ids
 
     def check_token_ids(self, token_ids: list[int], param: str) -> list[int]:
         """A prompt given as token ids, taken as sent (no BOS added), checked against the
         vocabulary and the prompt limit."""
-        if len(token_ids) > self.max_prompt_tokens:
-            raise ApiError(
-                400,
-                f"{param} is {len(token_ids)} tokens; the limit is {self.max_prompt_tokens} "
-                f"(context {self.max_model_len} tokens)",
-                param=param,
-                code="context_length_exceeded",
-            )
+        self._check_prompt_length(len(token_ids), param)
         for index, token_id in enumerate(token_ids):
             if token_id >= self.vocab_size:
                 raise ApiError(
@@ -203,7 +203,7 @@ class GenerationService:
                         code="timeout",
                     ) from None
                 if event.error is not None:
-                    raise engine_failure(event.error)
+                    raise api_error_from_engine(event.error)
                 if first_token is None and event.token_ids:
                     first_token = time.monotonic()
                 yield event

@@ -17,7 +17,7 @@ from openelm_server.engine.sampling import SamplingParams
 from openelm_server.engine.structured import ANY_OBJECT_SCHEMA, OutputConstraint
 from openelm_server.serving.chat_template import ChatTemplateError
 from openelm_server.serving.errors import ApiError, error_body
-from openelm_server.serving.gateway import Generation, GenerationService
+from openelm_server.serving.gateway import Gateway, Generation
 from openelm_server.serving.openai_logprobs import (
     chat_logprobs,
     generated_logprobs,
@@ -68,8 +68,8 @@ class ChoiceJob:
     echo: str | None = None
 
 
-def _service(request: Request) -> GenerationService:
-    return request.app.state.service
+def _gateway(request: Request) -> Gateway:
+    return request.app.state.gateway
 
 
 def _model_not_found(asked: str, settings) -> ApiError:
@@ -142,14 +142,13 @@ def _constraint(body: OpenAIRequest) -> OutputConstraint | None:
 
 def _params(
     body: OpenAIRequest,
-    service: GenerationService,
+    gateway: Gateway,
     max_new_tokens: int,
     choice: int,
     constraint: OutputConstraint | None,
     logprobs: int | None = None,
     prompt_logprobs: int | None = None,
 ) -> SamplingParams:
-    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     min_tokens = body.min_tokens or 0
     if min_tokens > max_new_tokens:
         raise ApiError(
@@ -166,10 +165,10 @@ def _params(
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
         seed=_choice_seed(body.seed, choice),
-        stop=stop,
+        stop=body.stop_strings,
         ignore_eos=bool(body.ignore_eos),
         min_tokens=min_tokens,
-        logit_bias=service.logit_bias(body.logit_bias),
+        logit_bias=gateway.logit_bias(body.logit_bias),
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
         constraint=constraint,
@@ -207,24 +206,24 @@ async def retrieve_model(model_id: str, request: Request) -> ModelCard:
 
 def _model_card(request: Request) -> ModelCard:
     return ModelCard(
-        id=request.app.state.settings.model_name, created=STARTED, max_model_len=_service(request).max_model_len
+        id=request.app.state.settings.model_name, created=STARTED, max_model_len=_gateway(request).max_model_len
     )
 
 
-def _completion_prompts(body: CompletionRequest, service: GenerationService) -> list[tuple[list[int], str | None]]:
+def _completion_prompts(body: CompletionRequest, gateway: Gateway) -> list[tuple[list[int], str | None]]:
     """(token ids, text as sent) of each prompt. Text is tokenized with BOS first; token ids are
     taken as sent (text None), as vLLM and lm-eval expect."""
     prompt = body.prompt
     if isinstance(prompt, str):
-        return [(service.encode(prompt, "prompt"), prompt)]
+        return [(gateway.encode(prompt, "prompt"), prompt)]
     if isinstance(prompt[0], int):
-        return [(service.check_token_ids(prompt, "prompt"), None)]
+        return [(gateway.check_token_ids(prompt, "prompt"), None)]
     prompts = []
     for index, item in enumerate(prompt):
         if isinstance(item, str):
-            prompts.append((service.encode(item, f"prompt.{index}"), item))
+            prompts.append((gateway.encode(item, f"prompt.{index}"), item))
         else:
-            prompts.append((service.check_token_ids(item, f"prompt.{index}"), None))
+            prompts.append((gateway.check_token_ids(item, f"prompt.{index}"), None))
     return prompts
 
 
@@ -232,7 +231,7 @@ def _completion_prompts(body: CompletionRequest, service: GenerationService) -> 
 async def create_completion(body: CompletionRequest, request: Request):
     model = _check_model(request, body)
     _refuse_unsupported(body)
-    service = _service(request)
+    gateway = _gateway(request)
     n = body.n or 1
     if body.best_of is not None and body.best_of != n:
         raise ApiError(400, f"best_of {body.best_of} is not supported; only best_of equal to n ({n})", param="best_of")
@@ -240,19 +239,19 @@ async def create_completion(body: CompletionRequest, request: Request):
         raise ApiError(
             400, "max_tokens 0 is only allowed with echo (the prompt's logprobs, nothing generated)", param="max_tokens"
         )
-    prompts = _completion_prompts(body, service)
+    prompts = _completion_prompts(body, gateway)
     constraint = _constraint(body)
     jobs = []
     for prompt_ids, text in prompts:
-        max_new = service.max_new_tokens(
+        max_new = gateway.max_new_tokens(
             len(prompt_ids), body.max_tokens, "max_tokens", default=COMPLETIONS_DEFAULT_MAX_TOKENS
         )
         # OpenAI echoes the prompt as sent: decoding its tokens would drop a leading space.
-        echo = (text if text is not None else service.decode(prompt_ids)) if body.echo else None
+        echo = (text if text is not None else gateway.decode(prompt_ids)) if body.echo else None
         for choice in range(n):
             params = _params(
                 body,
-                service,
+                gateway,
                 max_new,
                 choice,
                 constraint,
@@ -263,11 +262,11 @@ async def create_completion(body: CompletionRequest, request: Request):
     prompt_tokens = sum(len(ids) for ids, _ in prompts)
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
-    streams = service.start([(job.prompt_ids, job.params) for job in jobs])
+    streams = gateway.start([(job.prompt_ids, job.params) for job in jobs])
     if body.stream:
         return _sse_response(
             _completion_chunks(
-                service,
+                gateway,
                 completion_id,
                 created,
                 model,
@@ -278,12 +277,12 @@ async def create_completion(body: CompletionRequest, request: Request):
                 _include_usage(body),
             )
         )
-    results = await _collect_all(service, request, streams)
+    results = await _collect_all(gateway, request, streams)
     choices = [
         CompletionChoice(
             index=index,
             text=(job.echo or "") + result.text,
-            logprobs=_completion_choice_logprobs(service, job, result, body.logprobs),
+            logprobs=_completion_choice_logprobs(gateway, job, result, body.logprobs),
             finish_reason=result.finish_reason,
         )
         for index, (job, result) in enumerate(zip(jobs, results))
@@ -298,20 +297,20 @@ async def create_completion(body: CompletionRequest, request: Request):
 
 
 def _completion_choice_logprobs(
-    service: GenerationService, job: ChoiceJob, result: Generation, logprobs: int | None
+    gateway: Gateway, job: ChoiceJob, result: Generation, logprobs: int | None
 ) -> CompletionLogprobs | None:
     if logprobs is None:
         return None
-    scored = generated_logprobs(service, result.logprobs, result.text_offsets, len(job.echo or ""))
+    scored = generated_logprobs(gateway, result.logprobs, result.text_offsets, len(job.echo or ""))
     if job.echo is not None:
         scored = join_completion_logprobs(
-            prompt_logprobs(service, job.prompt_ids, result.prompt_logprobs, job.echo), scored
+            prompt_logprobs(gateway, job.prompt_ids, result.prompt_logprobs, job.echo), scored
         )
     return CompletionLogprobs(**scored)
 
 
-async def _collect_all(service: GenerationService, request: Request, streams: list) -> list[Generation]:
-    tasks = [asyncio.ensure_future(service.collect(request, events)) for events in streams]
+async def _collect_all(gateway: Gateway, request: Request, streams: list) -> list[Generation]:
+    tasks = [asyncio.ensure_future(gateway.collect(request, events)) for events in streams]
     try:
         return list(await asyncio.gather(*tasks))
     finally:
@@ -325,7 +324,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     _refuse_unsupported(body, handled=("tools", "tool_choice"))
     if body.top_logprobs is not None and not body.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-    service = _service(request)
+    gateway = _gateway(request)
     plan = plan_tool_call(body.tools, body.tool_choice)
     constraint = _constraint(body)
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
@@ -340,22 +339,22 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         prompt = request.app.state.chat_template.render(messages)
     except ChatTemplateError as error:
         raise ApiError(400, str(error), param="messages") from error
-    prompt_ids = service.encode(prompt, "messages")
+    prompt_ids = gateway.encode(prompt, "messages")
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-    max_new = service.max_new_tokens(len(prompt_ids), requested, param)
+    max_new = gateway.max_new_tokens(len(prompt_ids), requested, param)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     jobs = [
-        ChoiceJob(prompt_ids, _params(body, service, max_new, choice, constraint, logprobs=logprobs))
+        ChoiceJob(prompt_ids, _params(body, gateway, max_new, choice, constraint, logprobs=logprobs))
         for choice in range(body.n or 1)
     ]
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
-    streams = service.start([(job.prompt_ids, job.params) for job in jobs])
+    streams = gateway.start([(job.prompt_ids, job.params) for job in jobs])
     if body.stream:
         return _sse_response(
             _chat_chunks(
-                service,
+                gateway,
                 completion_id,
                 created,
                 model,
@@ -365,12 +364,12 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
                 _include_usage(body),
             )
         )
-    results = await _collect_all(service, request, streams)
+    results = await _collect_all(gateway, request, streams)
     choices = [
         ChatChoice(
             index=index,
             message=_assistant_message(plan, result),
-            logprobs=ChatLogprobs(content=chat_logprobs(service, result.logprobs)) if logprobs is not None else None,
+            logprobs=ChatLogprobs(content=chat_logprobs(gateway, result.logprobs)) if logprobs is not None else None,
             finish_reason=_chat_finish_reason(plan, result),
         )
         for index, result in enumerate(results)
@@ -446,7 +445,7 @@ async def _merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, objec
 
 
 async def _completion_chunks(
-    service: GenerationService,
+    gateway: Gateway,
     completion_id: str,
     created: int,
     model: str,
@@ -487,14 +486,14 @@ async def _completion_chunks(
         if job.echo is not None and not echoed[index]:
             echoed[index] = True
             scored = (
-                None if logprobs is None else prompt_logprobs(service, job.prompt_ids, event.prompt_logprobs, job.echo)
+                None if logprobs is None else prompt_logprobs(gateway, job.prompt_ids, event.prompt_logprobs, job.echo)
             )
             yield chunk(index, job.echo, None, scored)
         completion_tokens[index] = event.completion_tokens
         scored = None
         if logprobs is not None and event.logprobs:
             scored = generated_logprobs(
-                service, list(event.logprobs), [0] * len(event.logprobs), sent_characters[index]
+                gateway, list(event.logprobs), [0] * len(event.logprobs), sent_characters[index]
             )
         sent_characters[index] += len(event.text)
         if event.text or event.finish_reason or scored:
@@ -514,7 +513,7 @@ async def _completion_chunks(
 
 
 async def _chat_chunks(
-    service: GenerationService,
+    gateway: Gateway,
     completion_id: str,
     created: int,
     model: str,
@@ -549,7 +548,7 @@ async def _chat_chunks(
             yield _sse(error_body("/v1", event))
             return
         completion_tokens[index] = event.completion_tokens
-        scored = chat_logprobs(service, list(event.logprobs)) if logprobs and event.logprobs else None
+        scored = chat_logprobs(gateway, list(event.logprobs)) if logprobs and event.logprobs else None
         if event.text or scored:
             yield chunk(index, {"content": event.text}, None, scored)
         if event.finish_reason:

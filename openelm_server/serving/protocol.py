@@ -69,9 +69,14 @@ class SamplingFields(StrictRequest):
     seed: int | None = Field(None, **SEED_RANGE)
     stop: StopField = None
 
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        """``stop`` as the engine takes it, whichever form was sent."""
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
-class TutorialRequest(SamplingFields):
-    """The body of ``POST /``: the original tutorial's ``{"prompt": ...}`` plus optional knobs."""
+
+class LegacyRequest(SamplingFields):
+    """The body of the legacy ``POST /``: the tutorial's ``{"prompt": ...}`` plus optional knobs."""
 
     prompt: ValidText
     top_p: float | None = Field(None, gt=0, le=1)
@@ -204,13 +209,13 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
-class TutorialResponse(BaseModel):
+class LegacyResponse(BaseModel):
     response: str
     status: int
     time: str
 
 
-class TutorialError(BaseModel):
+class LegacyError(BaseModel):
     error: str
     status: int
     time: str

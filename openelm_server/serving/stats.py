@@ -25,8 +25,8 @@ class ServerStats(BaseModel):
 
 @router.get("/stats", response_model=ServerStats)
 async def server_stats(request: Request) -> ServerStats:
-    service = request.app.state.service
-    stats = service.engine.stats()
+    gateway = request.app.state.gateway
+    stats = gateway.engine.stats()
     return ServerStats(
         model=request.app.state.settings.model_name,
         requests_running=stats.running,
@@ -34,6 +34,6 @@ async def server_stats(request: Request) -> ServerStats:
         kv_cache_slots_used=stats.kv_slots_used,
         kv_cache_slots_total=stats.kv_slots_total,
         kv_cache_usage=stats.kv_slots_used / stats.kv_slots_total,
-        max_model_len=service.max_model_len,
-        max_tokens_limit=service.settings.max_tokens_limit,
+        max_model_len=gateway.max_model_len,
+        max_tokens_limit=gateway.settings.max_tokens_limit,
     )

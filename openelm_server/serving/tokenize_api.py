@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 
 from openelm_server.serving.chat_template import ChatTemplateError
 from openelm_server.serving.errors import ApiError
-from openelm_server.serving.gateway import GenerationService
+from openelm_server.serving.gateway import Gateway
 from openelm_server.serving.protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -39,7 +39,7 @@ def _check_model(request: Request, model: str | None) -> None:
 @router.post("/tokenize", response_model=TokenizeResponse)
 async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     _check_model(request, body.model)
-    service: GenerationService = request.app.state.service
+    gateway: Gateway = request.app.state.gateway
     if (body.prompt is None) == (body.messages is None):
         raise ApiError(400, "send either prompt or messages", param="prompt")
     if body.messages is not None:
@@ -61,23 +61,23 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
             text = request.app.state.chat_template.render(messages)
         except ChatTemplateError as error:
             raise ApiError(400, str(error), param="messages") from error
-        tokens = service.tokenizer(text).input_ids
+        tokens = gateway.tokenizer(text).input_ids
     else:
         if body.add_generation_prompt is not None:
             raise ApiError(400, "add_generation_prompt applies to messages only", param="add_generation_prompt")
-        tokens = service.tokenizer(body.prompt, add_special_tokens=body.add_special_tokens is not False).input_ids
-    token_strs = service.tokenizer.convert_ids_to_tokens(tokens) if body.return_token_strs else None
+        tokens = gateway.tokenizer(body.prompt, add_special_tokens=body.add_special_tokens is not False).input_ids
+    token_strs = gateway.tokenizer.convert_ids_to_tokens(tokens) if body.return_token_strs else None
     return TokenizeResponse(
-        count=len(tokens), max_model_len=service.max_model_len, tokens=tokens, token_strs=token_strs
+        count=len(tokens), max_model_len=gateway.max_model_len, tokens=tokens, token_strs=token_strs
     )
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse)
 async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
     _check_model(request, body.model)
-    service: GenerationService = request.app.state.service
-    service.check_token_ids(body.tokens, "tokens")
-    return DetokenizeResponse(prompt=service.decode(body.tokens))
+    gateway: Gateway = request.app.state.gateway
+    gateway.check_token_ids(body.tokens, "tokens")
+    return DetokenizeResponse(prompt=gateway.decode(body.tokens))
 
 
 @router.get("/version", response_model=VersionResponse)
