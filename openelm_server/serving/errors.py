@@ -89,6 +89,8 @@ def _validation_message(error: RequestValidationError) -> tuple[str, str | None]
             problems.append(f"the body is not valid JSON ({item.get('ctx', {}).get('error', 'parse error')})")
         elif item.get("type") in ("model_attributes_type", "dict_type") and not location:
             problems.append("the body must be a JSON object")
+        elif item.get("type") == "extra_forbidden":
+            field_errors.setdefault(location, []).append("not supported by this server; leave it out")
         else:
             messages = field_errors.setdefault(location, [])
             if item.get("msg", "invalid") not in messages:

@@ -32,7 +32,9 @@ ValidText = Annotated[str, Field(max_length=1_000_000)]
 
 
 class StrictRequest(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+    # A field this server does not know is refused by name, never silently ignored: a client that
+    # sends one expects it to do something.
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
     @field_validator("*", mode="after")
     @classmethod
