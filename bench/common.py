@@ -11,15 +11,14 @@ import math
 import os
 import platform
 import random
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+
+from openelm_server.testing.server import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -309,100 +308,12 @@ def _json_default(value):
     raise TypeError(f"not JSON serializable: {type(value)}")
 
 
-# ---------------------------------------------------------------------------- server processes
+def cpu_seconds(server: ServerProcess) -> float | None:
+    """User + system CPU time of the server so far (psutil), to tell how busy it was."""
+    try:
+        import psutil
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class ServerProcess:
-    """A server in a subprocess on 127.0.0.1 with a free port; ``stop()`` ends it (SIGTERM,
-    then SIGKILL). Its output goes to ``log_path``."""
-
-    def __init__(self, command: list[str], port: int, log_path: str | Path, env: dict | None = None):
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
-        self.command = command
-        self.log_path = Path(log_path)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "w")
-        self.process = subprocess.Popen(
-            command, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
-        )
-
-    @classmethod
-    def openelm(
-        cls,
-        model_dir: str | Path,
-        tokenizer_dir: str | Path,
-        flags: Sequence[str] = (),
-        log_path: str | Path | None = None,
-    ) -> ServerProcess:
-        """``python api.py`` as a user starts it."""
-        port = free_port()
-        command = [
-            sys.executable,
-            str(ROOT / "api.py"),
-            "--model-path",
-            str(model_dir),
-            "--tokenizer-path",
-            str(tokenizer_dir),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            *flags,
-        ]
-        log_path = log_path or Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-openelm-{port}.log"
-        return cls(command, port, log_path)
-
-    def wait_ready(self, timeout: float = 300.0) -> ServerProcess:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log_tail()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return self
-            time.sleep(0.25)
-        self.stop()
-        raise RuntimeError(f"server not ready after {timeout:.0f} s:\n{self.log_tail()}")
-
-    def log_tail(self, chars: int = 4000) -> str:
-        self._log.flush()
-        with contextlib.suppress(OSError):
-            return self.log_path.read_text()[-chars:]
-        return ""
-
-    def stop(self, timeout: float = 30.0) -> int | None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if not self._log.closed:
-            self._log.close()
-        return self.process.returncode
-
-    def cpu_seconds(self) -> float | None:
-        """User + system CPU time of the server so far (psutil), to tell how busy it was."""
-        try:
-            import psutil
-
-            times = psutil.Process(self.process.pid).cpu_times()
-            return times.user + times.system
-        except Exception:  # psutil missing or the process gone
-            return None
-
-    def __enter__(self) -> ServerProcess:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+        times = psutil.Process(server.process.pid).cpu_times()
+        return times.user + times.system
+    except Exception:  # psutil missing or the process gone
+        return None

@@ -40,9 +40,7 @@ from pathlib import Path
 from bench import serve_bench
 from bench.common import (
     DEFAULT_TOKENIZER,
-    ServerProcess,
     build_prompts,
-    free_port,
     git_revision,
     load_tokenizer,
     machine_info,
@@ -53,6 +51,7 @@ from bench.common import (
     versions,
     write_json,
 )
+from openelm_server.testing.server import ServerProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

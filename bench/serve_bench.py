@@ -39,9 +39,9 @@ import httpx
 from bench.common import (
     BenchRequest,
     RequestResult,
-    ServerProcess,
     aggregate,
     build_prompts,
+    cpu_seconds,
     git_revision,
     load_tokenizer,
     machine_info,
@@ -52,6 +52,7 @@ from bench.common import (
     versions,
     write_json,
 )
+from openelm_server.testing.server import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -227,11 +228,11 @@ def run_one(
     else:
         desc = f"{label} rate={request_rate:g}/s".strip()
     load_before = _load_average()
-    cpu_before = server.cpu_seconds() if server else None
+    cpu_before = cpu_seconds(server) if server else None
     start = time.perf_counter()
     results = asyncio.run(run_requests(url, requests, concurrency, request_rate, seed, model, progress, desc, endpoint))
     duration = time.perf_counter() - start
-    cpu_after = server.cpu_seconds() if server else None
+    cpu_after = cpu_seconds(server) if server else None
     cpu = cpu_after - cpu_before if cpu_before is not None and cpu_after is not None else None
     metrics = aggregate(results, duration)
     run = {

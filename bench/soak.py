@@ -37,7 +37,8 @@ from urllib.parse import urlparse
 
 import httpx
 
-from bench.common import ServerProcess, percentile
+from bench.common import percentile
+from openelm_server.testing.server import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 from bench.bandwidth import measure_bandwidth, roofline
-from bench.common import RequestResult, ServerProcess, aggregate, build_prompts, load_tokenizer, percentile
+from bench.common import RequestResult, aggregate, build_prompts, load_tokenizer, percentile
+from openelm_server.testing.server import ServerProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -150,7 +151,6 @@ def test_the_baseline_server_answers_like_ours(serving_dirs, tmp_path):
     """The tutorial's way (transformers generate, one at a time) behind the same HTTP
     interface, so the same client measures both."""
     model_dir, tokenizer_dir = serving_dirs
-    from bench.common import free_port
 
     port = free_port()
     baseline = ServerProcess(

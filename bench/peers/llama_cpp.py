@@ -31,9 +31,7 @@ from pathlib import Path
 from bench import serve_bench
 from bench.common import (
     DEFAULT_TOKENIZER,
-    ServerProcess,
     build_prompts,
-    free_port,
     load_tokenizer,
     machine_info,
     now_iso,
@@ -43,6 +41,7 @@ from bench.common import (
     write_json,
 )
 from openelm_server.model.config import OpenELMConfig
+from openelm_server.testing.server import ServerProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
