@@ -999,12 +999,12 @@ def test_refused_prompt_list_leaves_no_work_behind(busy_server, model_name):
 
 
 def test_stream_closed_by_the_client_stops_generating(server, model_name):
+    openai_fields = {"model": model_name, "max_tokens": 480, "temperature": 0, "stream": True}
     for path, body in (
-        ("/v1/completions", {"prompt": ENGLISH}),
-        ("/v1/chat/completions", {"messages": user("Hi")}),
-        ("/", {"prompt": ENGLISH, "max_new_tokens": 480}),
+        ("/v1/completions", {**openai_fields, "prompt": ENGLISH}),
+        ("/v1/chat/completions", {**openai_fields, "messages": user("Hi")}),
+        ("/", {"prompt": ENGLISH, "max_new_tokens": 480, "stream": True}),
     ):
-        body = {"model": model_name, "max_tokens": 480, "temperature": 0, "stream": True, **body}
         with httpx.stream("POST", server.url + path, json=body, timeout=30) as response:
             assert response.status_code == 200
             next(response.iter_raw())

@@ -114,10 +114,6 @@ def test_streaming_plain_text_equals_the_response(server):
     assert len(pieces) > 1
 
 
-def test_unknown_fields_are_ignored(server):
-    assert post(server, {"prompt": "Hi", "max_new_tokens": 2, "whatever": [1, 2]}).status_code == 200
-
-
 def test_log_line_as_in_the_tutorial(server):
     post(server, {"prompt": "log me please", "max_new_tokens": 3})
     time.sleep(0.2)

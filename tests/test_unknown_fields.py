@@ -7,6 +7,7 @@ import pytest
 
 CASES = [
     ("/", {"prompt": "Hi", "history": []}, "history"),
+    ("/", {"prompt": "Hi", "max_new_tokens": 2, "whatever": [1, 2]}, "whatever"),
     ("/", {"prompt": "Hi", "max_new_tokens": 2, "temprature": 0.5}, "temprature"),
     ("/v1/completions", {"prompt": "Hi", "max_tokens": 2, "best_of_n": 2}, "best_of_n"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "store": True}, "store"),
