@@ -50,6 +50,15 @@ class _Abort:
     request_id: str
 
 
+@dataclass(frozen=True)
+class _Stream:
+    """Where one request's events go, and its text so far."""
+
+    request: Request
+    deliver: Callable[[GenerationEvent], None]
+    builder: OutputBuilder
+
+
 class _AsyncSink:
     """Hands events from the engine thread to one request's event loop."""
 
@@ -109,7 +118,7 @@ class Engine:
         self.core = EngineCore(model, config, self.device)
         self.grammars = Grammars(tokenizer, model.config.vocab_size)
         self._inbox: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
-        self._streams: dict[str, tuple[Callable[[GenerationEvent], None], OutputBuilder]] = {}
+        self._streams: dict[str, _Stream] = {}
         # Guards only the published numbers below, never the core.
         self._stats_lock = threading.Lock()
         self._unread_adds = 0
@@ -225,7 +234,7 @@ class Engine:
                     adds += 1
                     request = command.request
                     builder = OutputBuilder(self.tokenizer, request.prompt_ids, request.params, self.eos_token_id)
-                    self._streams[request.request_id] = (command.deliver, builder)
+                    self._streams[request.request_id] = _Stream(request, command.deliver, builder)
                     self.core.add_request(request)
                 elif isinstance(command, _Abort):
                     self.core.finish(command.request_id, FinishReason.ABORT)
@@ -247,14 +256,13 @@ class Engine:
         stream = self._streams.get(output.request_id)
         if stream is None:
             return
-        deliver, builder = stream
-        event = builder.build(output)
-        if builder.stopped and output.finish_reason is None:
+        event = stream.builder.build(output)
+        if stream.builder.stopped and output.finish_reason is None:
             self.core.finish(output.request_id, FinishReason.STOP)
             self._publish_stats(0)
         if event.finish_reason is not None:
             del self._streams[output.request_id]
-        deliver(event)
+        stream.deliver(event)
 
     def _fail_step(self, failure: StepError) -> None:
         cause = failure.__cause__
@@ -270,11 +278,12 @@ class Engine:
             self._fail(request_id, error)
 
     def _fail(self, request_id: str, error: EngineError) -> None:
-        request = self.core.finish(request_id, FinishReason.ERROR)
+        self.core.finish(request_id, FinishReason.ERROR)
         self._publish_stats(0)
         stream = self._streams.pop(request_id, None)
-        if request is not None and stream is not None:
-            stream[0](GenerationEvent("", (), len(request.prompt_ids), len(request.output_ids), error=error))
+        if stream is not None:  # also when the failed step had finished it: its last event was never sent
+            request = stream.request
+            stream.deliver(GenerationEvent("", (), len(request.prompt_ids), len(request.output_ids), error=error))
 
     def _release_cached_memory(self) -> None:
         # The tutorial emptied the CUDA cache after every call; doing it only when idle keeps

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Tokens one step computes by default, per device: a CPU step of 512 tokens of the 3B model takes
-# a few seconds at most, which is how long a running stream may pause for a prompt being read.
-DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cpu": 512, "cuda": 2048}
+# Tokens one step computes by default, per device. A running stream pauses for one step while a
+# prompt is read, so a step must stay short: on the CPU 256 tokens read a 1,500-token prompt in 6
+# steps (512 took 3, and the streams paused for a third of its time to first token; BENCHMARKS.md).
+DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cpu": 256, "cuda": 2048}
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,6 @@ def test_the_budget_flag_and_its_default(own_model_dir, own_tokenizer_dir):
     assert load_settings([], {"MAX_NUM_BATCHED_TOKENS": "128"}).max_num_batched_tokens == 128
     engine = make_engine(own_model_dir, own_tokenizer_dir, max_batch_size=2)
     try:
-        assert engine.core.scheduler.max_num_batched_tokens == 512  # the CPU's default
+        assert engine.core.scheduler.max_num_batched_tokens == 256  # the CPU's default
     finally:
         engine.shutdown()
