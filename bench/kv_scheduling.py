@@ -59,6 +59,7 @@ async def interference_run(url: str, rng: random.Random) -> dict:
             "temperature": 0,
             "ignore_eos": True,
             "stream": True,
+            "logprobs": 1,  # a chunk for every token, also one whose text is held back (half a character)
         }
         async with client.stream("POST", url + "/v1/completions", json=body) as response:
             async for line in response.aiter_lines():
