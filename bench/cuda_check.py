@@ -133,7 +133,8 @@ def check_reference(fixtures: Path, device: torch.device, label: str = "") -> No
     engine.start()
     try:
         engine_outputs = engine_greedy(engine, prompts, new_tokens)
-        graphs = len(engine.static_decoder.graphs) if engine.static_decoder else 0
+        static_decoder = engine.core.runner.static_decoder
+        graphs = len(static_decoder.graphs) if static_decoder else 0
     finally:
         engine.shutdown()
     matches = sum(o == c["greedy_ids"] for o, c in zip(engine_outputs, cases))
@@ -221,7 +222,9 @@ def check_graph_against_eager(model: OpenELM, device: torch.device, dtype_name: 
     step_positions = [context, context - 7, context, context - 100]
     eager_step = ForwardBatch.build(cache, slots, torch.tensor(step_positions, device=device).unsqueeze(1))
     eager = model.logits(model(torch.tensor(tokens, device=device).unsqueeze(1), eager_step)[:, -1]).float()
-    graphed = StaticDecoder(model, cache, capture=True).decode(slots, tokens, step_positions).float()
+    tables = [cache.slot_block_table(slot, position + 1) for slot, position in zip(slots, step_positions)]
+    static = StaticDecoder(model, cache, batch, len(cache.slot_block_table(0, 512)), capture=True)
+    graphed = static.decode(tokens, step_positions, tables).float()
     error = relative_error(graphed, eager)
     report(
         f"CUDA-graph decode equals eager decode (3B shape, {dtype_name}, scattered slots)",
@@ -253,20 +256,23 @@ def time_steps(model: OpenELM, batches: list[int], context: int, repeats: int, b
     slots = max(batches)
     cache = model.new_kv_cache(slots, 1024)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    static = StaticDecoder(model, cache, capture=True)
+    static = StaticDecoder(model, cache, slots, len(cache.slot_block_table(0, 1024)), capture=True)
     for batch in batches:
         tokens = list(range(100, 100 + batch))
         positions = [context - 1] * batch
         rows = list(range(batch))
-        graph_ms = cuda_time(lambda: static.decode(rows, tokens, positions), repeats)
+        tables = [cache.slot_block_table(row, context) for row in rows]
+        graph_ms = cuda_time(lambda: static.decode(tokens, positions, tables), repeats)
 
         def eager():
             step = ForwardBatch.build(cache, rows, torch.tensor(positions, device=device).unsqueeze(1))
             return model.logits(model(torch.tensor(tokens, device=device).unsqueeze(1), step)[:, -1])
 
         eager_ms = cuda_time(eager, repeats)
-        kv_bytes = cache.bytes_needed(
-            model.config.num_kv_heads, model.config.head_dim, batch, context + 1, cache.keys[0].dtype
+        kv_bytes = (
+            cache.bytes_per_token(model.config.num_kv_heads, model.config.head_dim, cache.keys[0].dtype)
+            * batch
+            * (context + 1)
         )
         floor_ms = (weight_bytes + kv_bytes) / (bandwidth_gb_s * 1e9) * 1e3
         row = {

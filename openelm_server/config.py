@@ -34,7 +34,9 @@ class Settings:
     max_batch_size: int = EngineConfig.max_batch_size
     max_model_len: int = EngineConfig.max_model_len
     max_queue: int = EngineConfig.max_queue
-    max_prefill_tokens: int = EngineConfig.max_prefill_tokens
+    kv_cache_tokens: int | None = EngineConfig.kv_cache_tokens
+    max_num_batched_tokens: int | None = EngineConfig.max_num_batched_tokens
+    prefix_caching: bool = EngineConfig.prefix_caching
     gpu_memory_utilization: float | None = None
     max_tokens_limit: int = 2048
     max_prompt_tokens: int | None = None
@@ -136,7 +138,12 @@ _OPTIONS: list[tuple[str, str, object, str]] = [
         "Jinja chat template file for /v1/chat/completions "
         "(default: the tokenizer's own, else OpenELM-Instruct's Zephyr format)",
     ),
-    ("--max-batch-size", "MAX_BATCH_SIZE", _positive_int, "sequences decoded together (KV-cache slots)"),
+    (
+        "--max-batch-size",
+        "MAX_BATCH_SIZE",
+        _positive_int,
+        "requests running at once (decoding or reading their prompt)",
+    ),
     (
         "--max-model-len",
         "MAX_MODEL_LEN",
@@ -144,12 +151,26 @@ _OPTIONS: list[tuple[str, str, object, str]] = [
         "tokens per sequence, prompt included (at most the model's 2048)",
     ),
     ("--max-queue", "MAX_QUEUE", _positive_int, "requests allowed to wait; beyond it the server answers 503"),
-    ("--max-prefill-tokens", "MAX_PREFILL_TOKENS", _positive_int, "prompt tokens (padded) prefilled in one step"),
+    (
+        "--kv-cache-tokens",
+        "KV_CACHE_TOKENS",
+        _positive_int,
+        "tokens the KV cache holds, all requests together (default: on CUDA what --gpu-memory-utilization "
+        "leaves; on the CPU max-batch-size x max-model-len, capped to a quarter of the free memory)",
+    ),
+    (
+        "--max-num-batched-tokens",
+        "MAX_NUM_BATCHED_TOKENS",
+        _positive_int,
+        "tokens computed per step, decodes plus prompt chunks: a long prompt is read in chunks of what is "
+        "left, so running streams pause at most one step (default: 256 on the CPU, 2048 on CUDA)",
+    ),
     (
         "--gpu-memory-utilization",
         "GPU_MEMORY_UTILIZATION",
         _fraction,
-        "on CUDA, fraction of GPU memory for weights + KV cache; lowers --max-batch-size to fit",
+        "on CUDA, fraction of GPU memory for weights + KV cache (0.9 unless set); sizes the KV cache "
+        "when --kv-cache-tokens is unset",
     ),
     (
         "--max-tokens-limit",
@@ -187,6 +208,13 @@ _OPTIONS: list[tuple[str, str, object, str]] = [
 ]
 
 _SWITCHES: list[tuple[str, str, str, str]] = [
+    (
+        "--prefix-caching",
+        "prefix_caching",
+        "PREFIX_CACHING",
+        "reuse the KV cache of a prompt prefix seen before (a shared system prompt, a conversation's "
+        "earlier turns); --no-prefix-caching recomputes every prompt",
+    ),
     ("--log-prompts", "log_prompts", "LOG_PROMPTS", "log whole prompts and responses; --no-log-prompts shortens them"),
     (
         "--cuda-graphs",

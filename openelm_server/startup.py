@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -78,20 +79,47 @@ def check_model_files(settings: Settings) -> OpenELMConfig:
     return config
 
 
-def slots_that_fit(model: OpenELM, settings: Settings, device: torch.device, dtype: torch.dtype) -> int:
-    """KV-cache slots: --max-batch-size, lowered to fit --gpu-memory-utilization on CUDA."""
-    if settings.gpu_memory_utilization is None or device.type != "cuda":
-        return settings.max_batch_size
-    free, total = torch.cuda.mem_get_info(device)
-    budget = total * settings.gpu_memory_utilization - (total - free)
-    per_slot = KVCache.bytes_needed(model.config.num_kv_heads, model.config.head_dim, 1, settings.max_model_len, dtype)
-    fitting = int(budget // per_slot)
-    if fitting < 1:
+def available_memory_bytes() -> int:
+    """Memory the OS can give this process now (MemAvailable), or all of it where that is unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+# On CUDA the pool takes what --gpu-memory-utilization leaves; on the CPU it may take this much
+# of the memory left after the weights, so that the machine keeps room for everything else.
+GPU_MEMORY_UTILIZATION = 0.9
+CPU_MEMORY_FRACTION = 0.25
+
+
+def kv_cache_tokens_that_fit(model: OpenELM, settings: Settings, device: torch.device, dtype: torch.dtype) -> int:
+    """--kv-cache-tokens, or what fits the device's memory (see the flag's help)."""
+    per_token = KVCache.bytes_per_token(model.config.num_kv_heads, model.config.head_dim, dtype)
+    if settings.kv_cache_tokens is not None:
+        tokens = settings.kv_cache_tokens
+        reason = f"--kv-cache-tokens {tokens}"
+    elif device.type == "cuda":
+        utilization = settings.gpu_memory_utilization or GPU_MEMORY_UTILIZATION
+        free, total = torch.cuda.mem_get_info(device)
+        budget = total * utilization - (total - free)
+        tokens = int(budget // per_token)
+        reason = f"--gpu-memory-utilization {utilization}"
+    else:
+        wanted = settings.max_batch_size * settings.max_model_len
+        tokens = min(wanted, int(available_memory_bytes() * CPU_MEMORY_FRACTION // per_token))
+        reason = f"--max-batch-size x --max-model-len = {wanted}, at most a quarter of the free memory"
+    if tokens < settings.max_model_len:
         raise StartupError(
-            f"--gpu-memory-utilization {settings.gpu_memory_utilization}: no room for a single "
-            f"KV-cache slot of {per_slot / 2**20:.0f} MiB after the weights"
+            f"{reason}: room for a KV cache of {max(tokens, 0)} tokens ({per_token / 1024:.0f} KiB each), "
+            f"less than one request of --max-model-len {settings.max_model_len}; lower --max-model-len "
+            "or set --kv-cache-tokens"
         )
-    return min(settings.max_batch_size, fitting)
+    log.info("KV cache sized to %d tokens (%.0f MiB) from %s", tokens, tokens * per_token / 2**20, reason)
+    return tokens
 
 
 def compile_elementwise(model: OpenELM) -> None:
@@ -151,8 +179,9 @@ def build_engine(settings: Settings) -> tuple[Engine, object]:
     if max_model_len < settings.max_model_len:
         log.warning("--max-model-len %d is beyond the model's context; using %d", settings.max_model_len, max_model_len)
     # Every engine setting comes from the flag of the same name; two are fitted to the machine.
+    settings = dataclasses.replace(settings, max_model_len=max_model_len)
     config = EngineConfig(
         **{field.name: getattr(settings, field.name) for field in dataclasses.fields(EngineConfig)}
-        | {"max_batch_size": slots_that_fit(model, settings, device, dtype), "max_model_len": max_model_len}
+        | {"kv_cache_tokens": kv_cache_tokens_that_fit(model, settings, device, dtype)}
     )
     return Engine(model, tokenizer, config), tokenizer

@@ -111,7 +111,7 @@ def test_admission_waits_for_a_free_slot(own_model_dir, own_tokenizer_dir):
             tasks = [asyncio.ensure_future(run(engine, [1, 5, 6], greedy(40))) for _ in range(5)]
             while not all(t.done() for t in tasks):
                 stats = engine.stats()
-                assert stats.running <= 2 and stats.kv_slots_used <= 2
+                assert stats.running <= 2
                 seen_waiting.append(stats.waiting)
                 await asyncio.sleep(0.005)
             return [t.result() for t in tasks]
@@ -119,7 +119,7 @@ def test_admission_waits_for_a_free_slot(own_model_dir, own_tokenizer_dir):
         results = asyncio.run(main())
         assert max(seen_waiting) >= 1
         assert all(r == results[0] for r in results)
-        assert engine.stats().kv_slots_used == 0
+        assert engine.stats().kv_blocks_used == 0
     finally:
         engine.shutdown()
 
@@ -144,13 +144,13 @@ def test_cancelling_frees_the_slot_at_the_next_step(own_model_dir, own_tokenizer
         async def main():
             stream = engine.generate([1, 5, 6], greedy(200))
             await stream.__anext__()
-            assert engine.stats().kv_slots_used == 1
+            assert engine.stats().kv_blocks_used == 1
             stream.cancel()
             for _ in range(200):
-                if engine.stats().kv_slots_used == 0:
+                if engine.stats().kv_blocks_used == 0:
                     break
                 await asyncio.sleep(0.01)
-            assert engine.stats().kv_slots_used == 0
+            assert engine.stats().kv_blocks_used == 0
             return await run(engine, [1, 7], greedy(3))
 
         tokens, _, _ = asyncio.run(main())
@@ -273,7 +273,7 @@ def test_out_of_memory_fails_that_step_only(own_model_dir, own_tokenizer_dir, mo
 
         event = asyncio.run(first())
         assert event.error is not None and event.error.retryable
-        assert engine.stats().kv_slots_used == 0
+        assert engine.stats().kv_blocks_used == 0
         tokens, _, finish = asyncio.run(run(engine, [1, 5, 6], greedy(5)))
         assert len(tokens) == 5 and finish == "length"
     finally:
@@ -283,13 +283,14 @@ def test_out_of_memory_fails_that_step_only(own_model_dir, own_tokenizer_dir, mo
 def test_the_engine_thread_does_not_block_the_caller(own_engine):
     """Submitting returns at once; the work happens on the engine's own thread."""
     threads = set()
-    original = own_engine._decode
+    runner = own_engine.core.runner
+    original = runner.run
 
-    def recording_decode(sequences):
+    def recording_run(*args):
         threads.add(threading.current_thread().name)
-        return original(sequences)
+        return original(*args)
 
-    own_engine._decode = recording_decode
+    runner.run = recording_run
     try:
 
         async def main():
@@ -303,12 +304,12 @@ def test_the_engine_thread_does_not_block_the_caller(own_engine):
         assert asyncio.run(main()) < 0.05
         assert threads == {"engine"}
     finally:
-        del own_engine._decode
+        del runner.run
 
 
 def test_static_decode_steps_equal_dynamic_ones(own_model_dir, own_tokenizer_dir):
-    """The CUDA-graph path's logic (bucketed batch and context, dummy rows for free slots),
-    run eagerly: the tokens must be those of the plain path."""
+    """The CUDA-graph path's logic (bucketed batch and block table, dummy rows in the scratch
+    block), run eagerly: the tokens must be those of the plain path."""
     from openelm_server.engine.cuda_graphs import StaticDecoder
 
     engine = make_engine(own_model_dir, own_tokenizer_dir, max_batch_size=6)
@@ -320,8 +321,10 @@ def test_static_decode_steps_equal_dynamic_ones(own_model_dir, own_tokenizer_dir
             return await asyncio.gather(*(run(engine, p, greedy(25), delay=rng.uniform(0, 0.2)) for p in prompts))
 
         expected = asyncio.run(crowd())
-        engine.static_decoder = StaticDecoder(engine.model, engine.kv_cache, capture=False)
-        assert engine.static_decoder.bucket(3, 129) == (4, 256)
+        core = engine.core
+        static_decoder = StaticDecoder(engine.model, core.kv_cache, 6, 16, capture=False)
+        assert static_decoder.bucket(3, 9) == (4, 16)
+        core.runner.static_decoder = static_decoder
         assert asyncio.run(crowd()) == expected
     finally:
         engine.shutdown()

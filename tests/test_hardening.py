@@ -795,7 +795,7 @@ def test_out_of_memory_fails_only_that_step_and_is_retryable(serving_dirs, faili
     for tokens, finish, error in [waited, *later]:
         assert error is None and finish == "length" and len(tokens) == 6
     stats = engine.stats()
-    assert (stats.running, stats.waiting, stats.kv_slots_used) == (0, 0, 0)
+    assert (stats.running, stats.waiting, stats.kv_blocks_used) == (0, 0, 0)
 
 
 def test_bad_sampling_values_fail_only_their_own_request(serving_dirs):

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from openelm_server.config import load_settings
-from openelm_server.engine.async_engine import EngineStats
+from openelm_server.engine.core import EngineStats
 from openelm_server.serving.metrics import Metrics
 
 K8S = Path(__file__).resolve().parents[1] / "deploy" / "k8s"
@@ -92,5 +92,9 @@ def test_grace_period_covers_prestop_and_shutdown_timeout():
 def test_autoscaling_reads_the_servers_queue_gauge():
     [metric] = resources()["HorizontalPodAutoscaler"]["spec"]["metrics"]
     name = metric["pods"]["metric"]["name"]
-    metrics = Metrics(lambda: EngineStats(waiting=3, running=8, kv_slots_used=8, kv_slots_total=32))
+    metrics = Metrics(
+        lambda: EngineStats(
+            3, 8, kv_blocks_used=8, kv_blocks_total=32, prefix_cache_queries=0, prefix_cache_hits=0, preemptions=0
+        )
+    )
     assert f"\n{name} 3.0\n" in metrics.render().decode()

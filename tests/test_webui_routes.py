@@ -130,9 +130,10 @@ def test_stats_reports_the_live_state(built):
         "model": "OpenELM-3B-Instruct",
         "requests_running": 0,
         "requests_waiting": 0,
-        "kv_cache_slots_used": 0,
-        "kv_cache_slots_total": 2,
+        "kv_cache_blocks_used": 0,
+        "kv_cache_blocks_total": 32,  # 2 requests x 256 tokens in blocks of 16
         "kv_cache_usage": 0.0,
+        "prefix_cache_hit_tokens": 0,
         "max_model_len": 256,
         "max_tokens_limit": 2048,
     }

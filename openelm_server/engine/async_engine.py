@@ -1,68 +1,62 @@
-"""The engine: owns the model, runs the step loop in its own thread, streams tokens out.
+"""The engine as the server uses it: the core's step loop in its own thread, streams of events out.
 
-Continuous batching: at every step waiting requests are admitted into free cache slots and
-prefilled, then every running sequence decodes one token together. A finished or cancelled
-sequence leaves at once and its slot serves the next request. The engine knows nothing of
-HTTP: callers get an async iterator of :class:`GenerationEvent`.
+Callers on any thread put commands (add a request, abort one) into an inbox; only the engine
+thread touches the core, between steps, so the core needs no lock. Continuous batching happens
+in the core: each step decodes every running request and reads prompt chunks of new ones, and a
+finished or cancelled request leaves at once. Error policy: a failed step fails the requests
+that ran in it (out of memory as retryable) and the engine goes on serving the others. The
+engine knows nothing of HTTP: callers get an async iterator of :class:`GenerationEvent`.
+
+Invariant: the numbers ``stats()`` returns, and the queue limit, count a request as waiting from
+``submit`` until the core schedules it, whether or not the engine thread has read the inbox yet.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from openelm_server.engine.config import EngineConfig
-from openelm_server.engine.cuda_graphs import StaticDecoder
-from openelm_server.engine.logprobs import TokenLogprob, log_softmax, prompt_logprobs, token_logprobs
-from openelm_server.engine.output import IncrementalDetokenizer, StopStringMatcher
-from openelm_server.engine.sampling import SamplingParams, SamplingRow, new_generator, sample
-from openelm_server.engine.scheduler import QueueFullError, Scheduler, Sequence
+from openelm_server.engine.core import EngineCore, EngineStats, StepError
+from openelm_server.engine.output import EngineError, GenerationEvent, OutputBuilder, RequestOutput
+from openelm_server.engine.request import FinishReason, Request
+from openelm_server.engine.sampling import SamplingParams, new_generator
 from openelm_server.engine.structured import Grammars
-from openelm_server.model.openelm import ForwardBatch, OpenELM
+from openelm_server.model.kv_cache import BLOCK_SIZE
+from openelm_server.model.openelm import OpenELM
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Engine", "EngineError", "GenerationEvent", "QueueFullError", "RequestStream"]
 
-
-class EngineError(Exception):
-    """A generation failed inside the engine; ``retryable`` failures (out of memory) may
-    succeed if sent again."""
-
-    def __init__(self, message: str, retryable: bool = False):
-        super().__init__(message)
-        self.retryable = retryable
+class QueueFullError(Exception):
+    """The waiting queue is at its limit; the caller should retry later."""
 
 
 @dataclass(frozen=True)
-class GenerationEvent:
-    """What one step did for one request: new text, new tokens, and whether it is over.
-
-    ``logprobs`` has one entry per token of ``token_ids`` when the request asked for them;
-    ``prompt_logprobs`` comes with the first event when asked (None for the first prompt token,
-    which has no context)."""
-
-    text: str
-    token_ids: tuple[int, ...]
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str | None = None
-    error: EngineError | None = None
-    logprobs: tuple[TokenLogprob, ...] = ()
-    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+class _Add:
+    request: Request
+    deliver: Callable[[GenerationEvent], None]
 
 
 @dataclass(frozen=True)
-class EngineStats:
-    waiting: int
-    running: int
-    kv_slots_used: int
-    kv_slots_total: int
+class _Abort:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class _Stream:
+    """Where one request's events go, and its text so far."""
+
+    request: Request
+    deliver: Callable[[GenerationEvent], None]
+    builder: OutputBuilder
 
 
 class _AsyncSink:
@@ -81,7 +75,7 @@ class _AsyncSink:
 
 class RequestStream:
     """Events of one request until it finishes. ``cancel()`` (or closing the stream early)
-    stops the generation and frees its cache slot at the next step."""
+    stops the generation and frees its cache blocks at the next step."""
 
     def __init__(self, engine: Engine, request_id: str, sink: _AsyncSink):
         self.engine = engine
@@ -111,31 +105,38 @@ class Engine:
             raise ValueError(
                 f"max_model_len {config.max_model_len} exceeds the model's context of {model.config.max_context_length}"
             )
+        if config.resolved_kv_cache_tokens < config.max_model_len:
+            raise ValueError(
+                f"kv_cache_tokens {config.resolved_kv_cache_tokens} is less than max_model_len {config.max_model_len}: "
+                "a request of the full length could never run"
+            )
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
         self.eos_token_id = model.config.eos_token_id
         self.device = model.transformer.token_embeddings.weight.device
-        self.kv_cache = model.new_kv_cache(config.max_batch_size, config.max_model_len)
-        self.scheduler = Scheduler(self.kv_cache, config.max_queue, config.max_prefill_tokens)
+        self.core = EngineCore(model, config, self.device)
         self.grammars = Grammars(tokenizer, model.config.vocab_size)
-        use_graphs = config.cuda_graphs and self.device.type == "cuda"
-        self.static_decoder = StaticDecoder(model, self.kv_cache, capture=True) if use_graphs else None
-        if self.static_decoder is not None:
-            with torch.inference_mode():
-                self.static_decoder.capture_all()
-        self._lock = threading.Lock()
-        self._wakeup = threading.Event()
-        self._aborted: set[str] = set()
+        self._inbox: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        # Guards only the published numbers below, never the core.
+        self._stats_lock = threading.Lock()
+        self._unread_adds = 0
+        self._stats = self.core.stats()
         self._stopping = False
         self._thread: threading.Thread | None = None
         log.info(
-            "KV cache: %d slots x %d tokens, %.1f MiB on %s; decode %s",
-            config.max_batch_size,
-            config.max_model_len,
-            self.kv_cache.nbytes / 2**20,
+            "KV cache: %d tokens (%d blocks of %d), %.1f MiB on %s; up to %d requests at once, "
+            "%d tokens per step; prefix caching %s; decode %s",
+            (self.core.kv_cache.num_blocks - 1) * BLOCK_SIZE,
+            self.core.kv_cache.num_blocks - 1,
+            BLOCK_SIZE,
+            self.core.kv_cache.nbytes / 2**20,
             self.device,
-            "with CUDA graphs" if use_graphs else "eager",
+            config.max_batch_size,
+            self.core.scheduler.max_num_batched_tokens,
+            "on" if config.prefix_caching else "off",
+            "with CUDA graphs" if self.core.runner.static_decoder is not None else "eager",
         )
 
     # ---- called from any thread -------------------------------------------------------
@@ -146,20 +147,22 @@ class Engine:
 
     def shutdown(self) -> None:
         self._stopping = True
-        self._wakeup.set()
+        self._inbox.put(None)
         if self._thread is not None:
             self._thread.join()
 
     def stats(self) -> EngineStats:
-        with self._lock:
-            return EngineStats(
-                len(self.scheduler.waiting),
-                len(self.scheduler.running),
-                self.kv_cache.used_slot_count,
-                self.kv_cache.num_slots,
-            )
+        with self._stats_lock:
+            stats = self._stats
+            return EngineStats(**{**stats.__dict__, "waiting": stats.waiting + self._unread_adds})
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, deliver, request_id: str | None = None) -> str:
+    def submit(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        deliver: Callable[[GenerationEvent], None],
+        request_id: str | None = None,
+    ) -> str:
         """Queue a request; ``deliver`` gets its events on the engine thread. Raises
         :class:`QueueFullError` when the waiting queue is full and ``ValueError`` when the
         request cannot fit the context or its output constraint cannot be followed."""
@@ -170,28 +173,24 @@ class Engine:
                 f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) "
                 f"exceeds the context of {self.config.max_model_len} tokens"
             )
-        request_id = request_id or uuid.uuid4().hex
-        sequence = Sequence(
-            request_id=request_id,
+        request = Request(
+            request_id=request_id or uuid.uuid4().hex,
             prompt_ids=list(prompt_ids),
             params=params,
-            deliver=deliver,
-            detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids),
-            stop_matcher=StopStringMatcher(params.stop),
             generator=None if params.greedy else new_generator(params.seed, self.device),
             constrained=None if params.constraint is None else self.grammars.matcher(params.constraint),
         )
-        with self._lock:
-            self.scheduler.add(sequence)
-            self._aborted.discard(request_id)
-        self._wakeup.set()
-        return request_id
+        with self._stats_lock:
+            waiting = self._stats.waiting + self._unread_adds
+            if waiting >= self.config.max_queue:
+                raise QueueFullError(f"{waiting} requests are already waiting (--max-queue {self.config.max_queue})")
+            self._unread_adds += 1
+        self._inbox.put(_Add(request, deliver))
+        return request.request_id
 
     def abort(self, request_id: str) -> None:
-        """Stop a request; its slot is free at the next step."""
-        with self._lock:
-            self._aborted.add(request_id)
-        self._wakeup.set()
+        """Stop a request; its blocks are free at the next step."""
+        self._inbox.put(_Abort(request_id))
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> RequestStream:
         """Queue a request now (so that a full queue or an oversized request raises here,
@@ -205,55 +204,86 @@ class Engine:
     def _run(self) -> None:
         busy = False
         while not self._stopping:
-            with self._lock:
-                self._apply_aborts()
-                admitted = self.scheduler.admit()
-                has_work = self.scheduler.has_work
-            if not has_work:
-                if busy:
-                    self._release_cached_memory()
-                    busy = False
-                self._wakeup.wait(timeout=0.5)
-                self._wakeup.clear()
+            if busy and not self.core.has_work:
+                self._release_cached_memory()
+                busy = False
+            self._read_inbox(wait=not self.core.has_work)
+            if not self.core.has_work:
                 continue
             busy = True
-            if admitted:
-                self._guarded_step(admitted, self._prefill)
-            with self._lock:
-                self._apply_aborts()
-                batch = self.scheduler.decode_batch()
-            if batch:
-                self._guarded_step(batch, self._decode)
-        with self._lock:
-            leftovers = list(self.scheduler.waiting) + self.scheduler.decode_batch()
-        self._fail(leftovers, EngineError("the server is shutting down", retryable=True))
+            try:
+                outputs = self.core.step()
+            except StepError as failure:
+                self._fail_step(failure)
+                outputs = []
+            self._publish_stats(0)  # before the events: a client that got its last one sees the blocks freed
+            for output in outputs:
+                self._deliver(output)
+        self._read_inbox(wait=False)
+        error = EngineError("the server is shutting down", retryable=True)
+        for request in self.core.unfinished():
+            self._fail(request.request_id, error)
+        self._publish_stats(0)
 
-    def _apply_aborts(self) -> None:
-        for request_id in self._aborted:
-            self.scheduler.remove(request_id)
-        self._aborted.clear()
-
-    def _guarded_step(self, sequences: list[Sequence], step) -> None:
-        """Run a step; if it fails, fail its requests and keep serving the others."""
+    def _read_inbox(self, wait: bool) -> None:
+        adds = 0
         try:
-            with torch.inference_mode():
-                step(sequences)
-        except torch.cuda.OutOfMemoryError:
-            log.error("out of memory in a step of %d sequences; failing them and going on", len(sequences))
-            self._fail(sequences, EngineError("the server ran out of GPU memory; retry later", retryable=True))
-            self._release_cached_memory()
-        except Exception:
-            log.exception("a step of %d sequences failed", len(sequences))
-            self._fail(sequences, EngineError("internal error during generation"))
+            command = self._inbox.get(timeout=0.5) if wait else self._inbox.get_nowait()
+            while True:
+                if isinstance(command, _Add):
+                    adds += 1
+                    request = command.request
+                    builder = OutputBuilder(self.tokenizer, request.prompt_ids, request.params, self.eos_token_id)
+                    self._streams[request.request_id] = _Stream(request, command.deliver, builder)
+                    self.core.add_request(request)
+                elif isinstance(command, _Abort):
+                    self.core.finish(command.request_id, FinishReason.ABORT)
+                    self._streams.pop(command.request_id, None)
+                    self._publish_stats(0)
+                command = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+        if adds:
+            self._publish_stats(adds)
 
-    def _fail(self, sequences: list[Sequence], error: EngineError) -> None:
-        with self._lock:
-            for sequence in sequences:
-                self.scheduler.finish(sequence)
-                if sequence in self.scheduler.waiting:
-                    self.scheduler.waiting.remove(sequence)
-        for sequence in sequences:
-            sequence.deliver(GenerationEvent("", (), len(sequence.prompt_ids), len(sequence.output_ids), error=error))
+    def _publish_stats(self, adds_read: int) -> None:
+        stats = self.core.stats()
+        with self._stats_lock:
+            self._unread_adds -= adds_read
+            self._stats = stats
+
+    def _deliver(self, output: RequestOutput) -> None:
+        stream = self._streams.get(output.request_id)
+        if stream is None:
+            return
+        event = stream.builder.build(output)
+        if stream.builder.stopped and output.finish_reason is None:
+            self.core.finish(output.request_id, FinishReason.STOP)
+            self._publish_stats(0)
+        if event.finish_reason is not None:
+            del self._streams[output.request_id]
+        stream.deliver(event)
+
+    def _fail_step(self, failure: StepError) -> None:
+        cause = failure.__cause__
+        count = len(failure.request_ids)
+        if isinstance(cause, torch.cuda.OutOfMemoryError):
+            log.error("out of memory in a step of %d sequences; failing them and going on", count)
+            error = EngineError("the server ran out of GPU memory; retry later", retryable=True)
+            self._release_cached_memory()
+        else:
+            log.error("a step of %d sequences failed", count, exc_info=cause)
+            error = EngineError("internal error during generation")
+        for request_id in failure.request_ids:
+            self._fail(request_id, error)
+
+    def _fail(self, request_id: str, error: EngineError) -> None:
+        self.core.finish(request_id, FinishReason.ERROR)
+        self._publish_stats(0)
+        stream = self._streams.pop(request_id, None)
+        if stream is not None:  # also when the failed step had finished it: its last event was never sent
+            request = stream.request
+            stream.deliver(GenerationEvent("", (), len(request.prompt_ids), len(request.output_ids), error=error))
 
     def _release_cached_memory(self) -> None:
         # The tutorial emptied the CUDA cache after every call; doing it only when idle keeps
@@ -261,114 +291,3 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.ipc_collect()
-
-    def _prefill(self, sequences: list[Sequence]) -> None:
-        lengths = [len(s.prompt_ids) for s in sequences]
-        longest = max(lengths)
-        tokens = torch.zeros(len(sequences), longest, dtype=torch.long)
-        for row, sequence in enumerate(sequences):
-            tokens[row, : lengths[row]] = torch.tensor(sequence.prompt_ids)
-        positions = torch.arange(longest).expand(len(sequences), longest).to(self.device)
-        step = ForwardBatch.build(self.kv_cache, [s.slot for s in sequences], positions)
-        hidden = self.model(tokens.to(self.device), step)
-        # Logits at every prompt position only for the requests that want prompt logprobs;
-        # the others need the last position alone.
-        scored_prompts = {
-            row: prompt_logprobs(
-                self.model.logits(hidden[row, : lengths[row]]), sequence.prompt_ids, sequence.params.prompt_logprobs
-            )
-            for row, sequence in enumerate(sequences)
-            if sequence.params.prompt_logprobs is not None
-        }
-        generating = [row for row, sequence in enumerate(sequences) if sequence.params.max_new_tokens > 0]
-        for row, sequence in enumerate(sequences):
-            if sequence.params.max_new_tokens == 0:  # echo of the prompt's logprobs, nothing generated
-                with self._lock:
-                    self.scheduler.finish(sequence)
-                sequence.deliver(
-                    GenerationEvent("", (), lengths[row], 0, "length", prompt_logprobs=scored_prompts.get(row))
-                )
-        if generating:
-            rows = torch.tensor(generating, device=self.device)
-            last = hidden[rows, torch.tensor([lengths[row] - 1 for row in generating], device=self.device)]
-            self._sample_and_emit(
-                [sequences[row] for row in generating],
-                self.model.logits(last),
-                [scored_prompts.get(row) for row in generating],
-            )
-
-    def _decode(self, sequences: list[Sequence]) -> None:
-        slots = [s.slot for s in sequences]
-        tokens = [s.output_ids[-1] for s in sequences]
-        positions = [s.next_position for s in sequences]
-        if self.static_decoder is not None:
-            logits = self.static_decoder.decode(slots, tokens, positions)
-        else:
-            step = ForwardBatch.build(self.kv_cache, slots, torch.tensor(positions, device=self.device).unsqueeze(1))
-            hidden = self.model(torch.tensor(tokens, device=self.device).unsqueeze(1), step)
-            logits = self.model.logits(hidden[:, -1])
-        self._sample_and_emit(sequences, logits)
-
-    def _sample_and_emit(
-        self, sequences: list[Sequence], logits: torch.Tensor, scored_prompts: list | None = None
-    ) -> None:
-        rows = [
-            SamplingRow(s.params, s.prompt_ids, s.output_ids, s.generator, self._banned_token_ids(s), s.constrained)
-            for s in sequences
-        ]
-        asking = [row for row, s in enumerate(sequences) if s.params.logprobs is not None]
-        # Taken before sampling, which adjusts the logits in place.
-        scored = log_softmax(logits[asking]) if asking else None
-        tokens = sample(logits, rows)
-        logprobs: list[tuple[TokenLogprob, ...]] = [()] * len(sequences)
-        if asking:
-            top = max(sequences[row].params.logprobs for row in asking)
-            for row, logprob in zip(asking, token_logprobs(scored, [tokens[row] for row in asking], top)):
-                wanted = sequences[row].params.logprobs
-                logprobs[row] = (TokenLogprob(logprob.token_id, logprob.logprob, logprob.top[:wanted]),)
-        for row, (sequence, token) in enumerate(zip(sequences, tokens)):
-            self._emit(sequence, token, logprobs[row], scored_prompts[row] if scored_prompts else None)
-
-    def _banned_token_ids(self, sequence: Sequence) -> tuple[int, ...]:
-        """EOS may not end an answer shorter than its min_tokens."""
-        if len(sequence.output_ids) < sequence.params.min_tokens and not sequence.params.ignore_eos:
-            return (self.eos_token_id,)
-        return ()
-
-    def _emit(
-        self, sequence: Sequence, token: int, logprobs: tuple[TokenLogprob, ...], scored_prompt: tuple | None
-    ) -> None:
-        sequence.output_ids.append(token)
-        params = sequence.params
-        finish_reason = None
-        may_stop = len(sequence.output_ids) >= params.min_tokens
-        if sequence.constrained is not None:
-            sequence.constrained.accept(token)
-        if token == self.eos_token_id and not params.ignore_eos:
-            finish_reason = "stop"
-            text = sequence.stop_matcher.add(sequence.detokenizer.flush())
-        else:
-            text = sequence.stop_matcher.add(sequence.detokenizer.push(token), may_stop)
-            if len(sequence.output_ids) >= params.max_new_tokens and not sequence.stop_matcher.stopped:
-                finish_reason = "length"
-                text += sequence.stop_matcher.add(sequence.detokenizer.flush())
-        if sequence.stop_matcher.stopped:
-            finish_reason = "stop"
-        elif finish_reason is None and sequence.constrained is not None and sequence.constrained.complete:
-            finish_reason = "stop"  # the structured answer is whole: nothing more may follow
-            text += sequence.stop_matcher.add(sequence.detokenizer.flush())
-        if finish_reason is not None:
-            text += sequence.stop_matcher.finish()
-            with self._lock:
-                self.scheduler.finish(sequence)
-        sequence.deliver(
-            GenerationEvent(
-                text,
-                (token,),
-                len(sequence.prompt_ids),
-                len(sequence.output_ids),
-                finish_reason,
-                logprobs=logprobs,
-                prompt_logprobs=scored_prompt,
-            )
-        )

@@ -5,11 +5,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Tokens one step computes by default, per device. A running stream pauses for one step while a
+# prompt is read, so a step must stay short: on the CPU 256 tokens read a 1,500-token prompt in 6
+# steps (512 took 3, and the streams paused for a third of its time to first token; BENCHMARKS.md).
+DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cpu": 256, "cuda": 2048}
+
 
 @dataclass(frozen=True)
 class EngineConfig:
-    max_batch_size: int = 32  # sequences decoded together (KV-cache slots)
+    max_batch_size: int = 32  # requests running (decoding or reading their prompt) at once
     max_model_len: int = 2048  # tokens per sequence, prompt included
     max_queue: int = 256  # requests allowed to wait
-    max_prefill_tokens: int = 4096  # prompt tokens (padded) prefilled in one step
+    # Tokens the KV cache holds, all requests together; None: max_batch_size * max_model_len
+    # (start-up fits it to the machine's memory).
+    kv_cache_tokens: int | None = None
+    # Tokens computed per step (decodes plus prompt chunks); None: per device, see above.
+    max_num_batched_tokens: int | None = None
+    prefix_caching: bool = True  # reuse the KV blocks of a prompt's prefix that was seen before
     cuda_graphs: bool = True  # decode steps replayed as CUDA graphs on CUDA
+
+    @property
+    def resolved_kv_cache_tokens(self) -> int:
+        return self.kv_cache_tokens or self.max_batch_size * self.max_model_len
+
+    def resolved_max_num_batched_tokens(self, device_type: str) -> int:
+        return self.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS.get(device_type, 512)

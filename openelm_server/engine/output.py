@@ -1,4 +1,8 @@
-"""Incremental detokenization and stop strings.
+"""What a request's client sees: its generated tokens turned into text and events.
+
+The engine core deals in tokens; this builds the text outside it: incremental detokenization,
+stop strings, and the :class:`GenerationEvent` each step sends. A stop string found here ends
+the request in the core before its next step.
 
 Llama-2's tokenizer splits many characters (most CJK text among them) into byte tokens, so a
 token's text can be half a character. Text is released only once it decodes cleanly, so a
@@ -8,7 +12,12 @@ equal the text decoded in one go.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
+
+from openelm_server.engine.logprobs import TokenLogprob
+from openelm_server.engine.request import FinishReason
+from openelm_server.engine.sampling import SamplingParams
 
 REPLACEMENT_CHARACTER = "\ufffd"
 # A window this many tokens back gives SentencePiece the context to place leading spaces.
@@ -93,3 +102,82 @@ class StopStringMatcher:
         piece = self.text[self.released : end]
         self.released = end
         return piece
+
+
+class EngineError(Exception):
+    """A generation failed inside the engine; ``retryable`` failures (out of memory, shutting
+    down) may succeed if sent again."""
+
+    def __init__(self, message: str, retryable: bool = False):
+        super().__init__(message)
+        self.retryable = retryable
+
+
+@dataclass(frozen=True)
+class GenerationEvent:
+    """What one step did for one request: new text, new tokens, and whether it is over.
+
+    ``logprobs`` has one entry per token of ``token_ids`` when the request asked for them;
+    ``prompt_logprobs`` comes with the first event when asked (None for the first prompt token,
+    which has no context)."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None = None
+    error: EngineError | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What the engine core produced for one request in one step: at most one token."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    num_prompt_tokens: int
+    num_output_tokens: int
+    finish_reason: FinishReason | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+
+
+class OutputBuilder:
+    """One request's text so far; turns each :class:`RequestOutput` into its event."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams, eos_token_id: int):
+        self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids)
+        self.stop_matcher = StopStringMatcher(params.stop)
+        self.params = params
+        self.eos_token_id = eos_token_id
+
+    @property
+    def stopped(self) -> bool:
+        """A stop string ended the answer: the core must finish the request."""
+        return self.stop_matcher.stopped
+
+    def build(self, output: RequestOutput) -> GenerationEvent:
+        matcher = self.stop_matcher
+        ending = output.finish_reason is not None
+        text = ""
+        for token in output.token_ids:
+            if token == self.eos_token_id and not self.params.ignore_eos:
+                text += matcher.add(self.detokenizer.flush())  # EOS itself has no text
+            else:
+                text += matcher.add(self.detokenizer.push(token), output.num_output_tokens >= self.params.min_tokens)
+                if ending and not matcher.stopped:
+                    text += matcher.add(self.detokenizer.flush())
+        reason = FinishReason.STOP if matcher.stopped else output.finish_reason
+        if reason is not None:
+            text += matcher.finish()
+        return GenerationEvent(
+            text,
+            output.token_ids,
+            output.num_prompt_tokens,
+            output.num_output_tokens,
+            None if reason is None else reason.value,
+            logprobs=output.logprobs,
+            prompt_logprobs=output.prompt_logprobs,
+        )

@@ -1,98 +1,174 @@
-"""Which sequences run: a bounded FIFO of waiting requests admitted as cache slots free up.
+"""Which requests run at each step, and how many of their tokens: the sole owner of a request's life.
 
-The scheduler holds no tensors. Each step the engine asks it for the sequences to prefill
-(oldest first, while a cache slot is free and the step's prefill token budget lasts) and for
-the running batch to decode; a finished or cancelled sequence gives its slot back at once.
+Every step computes every running request's next token (decoding) and, within the step's token
+budget (``max_num_batched_tokens``), chunks of the prompts still being read: a long prompt is
+read over several steps while the others keep decoding, so their streams never stall for a
+whole prompt. Waiting requests are admitted oldest first while there are running places
+(``max_batch_size``), budget and free blocks; a new request first takes the longest cached
+prefix of its prompt. When the cache runs out mid-generation the newest running request is
+preempted: it gives its blocks back, goes to the front of the queue, and recomputes its tokens
+(prompt and answer so far) when it runs again; no request ever fails for lack of cache.
+
+Invariants: ``waiting`` holds WAITING and PREEMPTED requests, oldest first, preempted ones
+ahead; ``running`` holds RUNNING requests in admission order; a request is in exactly one of
+them until it finishes, and a finished request holds no blocks. Nothing else touches them.
 """
 
 from __future__ import annotations
 
-import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-from openelm_server.engine.output import IncrementalDetokenizer, StopStringMatcher
-from openelm_server.engine.sampling import SamplingParams
-from openelm_server.model.kv_cache import KVCache
+from openelm_server.engine.block_manager import BlockManager
+from openelm_server.engine.request import FinishReason, Request, RequestStatus
 
 
-class QueueFullError(Exception):
-    """The waiting queue is at its limit; the caller should retry later."""
+@dataclass(frozen=True)
+class ScheduledRequest:
+    """``request`` computes its tokens [start, start + num_tokens) this step."""
 
-
-@dataclass(eq=False)
-class Sequence:
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    deliver: Callable[[Any], None]
-    detokenizer: IncrementalDetokenizer
-    stop_matcher: StopStringMatcher
-    generator: Any = None
-    constrained: Any = None  # the grammar matcher of a structured answer
-    output_ids: list[int] = field(default_factory=list)
-    slot: int | None = None
-    arrival_time: float = field(default_factory=time.monotonic)
+    request: Request
+    start: int
+    num_tokens: int
 
     @property
-    def next_position(self) -> int:
-        """Position of the last token, the one the next decode step feeds."""
-        return len(self.prompt_ids) + len(self.output_ids) - 1
+    def completes(self) -> bool:
+        """The step computes the request's last known token, so its logits give the next one."""
+        return self.start + self.num_tokens == self.request.num_tokens
 
 
 class Scheduler:
-    def __init__(self, kv_cache: KVCache, max_queue: int, max_prefill_tokens: int):
-        self.kv_cache = kv_cache
-        self.max_queue = max_queue
-        self.max_prefill_tokens = max_prefill_tokens
-        self.waiting: deque[Sequence] = deque()
-        self.running: dict[int, Sequence] = {}
-
-    def add(self, sequence: Sequence) -> None:
-        if len(self.waiting) >= self.max_queue:
-            raise QueueFullError(f"{len(self.waiting)} requests are already waiting (--max-queue {self.max_queue})")
-        self.waiting.append(sequence)
-
-    def admit(self) -> list[Sequence]:
-        """Move waiting sequences into free slots; the first always fits a step by itself."""
-        admitted: list[Sequence] = []
-        longest = 0
-        while self.waiting and self.kv_cache.free_slot_count:
-            candidate = self.waiting[0]
-            longest_after = max(longest, len(candidate.prompt_ids))
-            # Prompts are padded to the longest in a prefill batch, so that is what it costs.
-            if admitted and longest_after * (len(admitted) + 1) > self.max_prefill_tokens:
-                break
-            self.waiting.popleft()
-            candidate.slot = self.kv_cache.allocate()
-            self.running[candidate.slot] = candidate
-            admitted.append(candidate)
-            longest = longest_after
-        return admitted
-
-    def decode_batch(self) -> list[Sequence]:
-        return [self.running[slot] for slot in sorted(self.running)]
-
-    def finish(self, sequence: Sequence) -> None:
-        if sequence.slot is not None and self.running.get(sequence.slot) is sequence:
-            del self.running[sequence.slot]
-            self.kv_cache.release(sequence.slot)
-            sequence.slot = None
-
-    def remove(self, request_id: str) -> Sequence | None:
-        """Take a request out wherever it is (waiting or running); None if it is gone."""
-        for sequence in self.waiting:
-            if sequence.request_id == request_id:
-                self.waiting.remove(sequence)
-                return sequence
-        for sequence in self.running.values():
-            if sequence.request_id == request_id:
-                self.finish(sequence)
-                return sequence
-        return None
+    def __init__(self, block_manager: BlockManager, max_batch_size: int, max_num_batched_tokens: int):
+        self.block_manager = block_manager
+        self.max_batch_size = max_batch_size
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
 
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def add(self, request: Request) -> None:
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+
+    def get(self, request_id: str) -> Request | None:
+        for request in (*self.running, *self.waiting):
+            if request.request_id == request_id:
+                return request
+        return None
+
+    def finish(self, request: Request, reason: FinishReason) -> None:
+        """End a request wherever it is and give its blocks back; finishing twice does nothing."""
+        if request.is_finished:
+            return
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        self._free_blocks(request)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+
+    def abort(self, request_id: str) -> Request | None:
+        request = self.get(request_id)
+        if request is not None:
+            self.finish(request, FinishReason.ABORT)
+        return request
+
+    def schedule(self) -> list[ScheduledRequest]:
+        """This step's work: decodes first (oldest first), then prompt chunks, then admissions."""
+        budget = self.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        done: set[int] = set()
+        preempted = False
+        by_need = sorted(self.running, key=lambda r: (r.num_tokens - r.num_computed_tokens > 1, r.arrival_time))
+        for request in by_need:
+            if request.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this step
+            remaining = request.num_tokens - request.num_computed_tokens
+            decoding = remaining == 1
+            num_tokens = 1 if decoding else min(remaining, budget)
+            if num_tokens < 1:
+                continue
+            while True:
+                num_tokens = self._fit(request, num_tokens, decoding)
+                if num_tokens:
+                    break
+                victim = self._newest_unscheduled(request, done)
+                if victim is None:
+                    break
+                self._preempt(victim)
+                preempted = True
+            if not num_tokens:
+                if decoding:  # newest of those left: it waits for blocks, recomputing later
+                    self._preempt(request)
+                    preempted = True
+                continue
+            scheduled.append(ScheduledRequest(request, request.num_computed_tokens, num_tokens))
+            done.add(id(request))
+            budget -= num_tokens
+        while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_batch_size:
+            request = self.waiting[0]
+            looked_up = not request.wants_prompt_logprobs
+            if looked_up:
+                cached = self.block_manager.cached_prefix(request.token_ids)
+                self.block_manager.take(cached)
+                request.block_ids = list(cached)
+                request.num_computed_tokens = len(cached) * self.block_manager.block_size
+            num_tokens = self._fit(request, min(request.num_tokens - request.num_computed_tokens, budget), False)
+            if not num_tokens:
+                self._free_blocks(request)
+                break
+            if looked_up:
+                self.block_manager.count_query(request.num_tokens, request.num_computed_tokens)
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            scheduled.append(ScheduledRequest(request, request.num_computed_tokens, num_tokens))
+            budget -= num_tokens
+        return scheduled
+
+    def _fit(self, request: Request, num_tokens: int, whole: bool) -> int:
+        """Allocate the blocks for ``num_tokens`` more tokens, or for as many as the free blocks
+        hold (none if ``whole``); returns how many tokens got room."""
+        manager = self.block_manager
+        block_size = manager.block_size
+        capacity = len(request.block_ids) * block_size + manager.num_free_blocks * block_size
+        fitting = min(num_tokens, capacity - request.num_computed_tokens)
+        if fitting < num_tokens and whole or fitting <= 0:
+            return 0
+        needed = manager.blocks_needed(request.block_ids, request.num_computed_tokens + fitting)
+        request.block_ids += manager.allocate(needed)
+        return fitting
+
+    def _newest_unscheduled(self, request: Request, done: set[int]) -> Request | None:
+        newer = [
+            r for r in self.running if id(r) not in done and r is not request and r.arrival_time > request.arrival_time
+        ]
+        return max(newer, key=lambda r: r.arrival_time, default=None)
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self._free_blocks(request)
+        request.status = RequestStatus.PREEMPTED
+        # Back in arrival order: it was admitted before anything still waiting was.
+        place = next(
+            (i for i, r in enumerate(self.waiting) if r.arrival_time > request.arrival_time), len(self.waiting)
+        )
+        self.waiting.insert(place, request)
+        self.num_preemptions += 1
+
+    def after_step(self, request: Request, scheduled: ScheduledRequest) -> None:
+        """The step computed the scheduled tokens; their full blocks join the prefix cache."""
+        request.num_computed_tokens = scheduled.start + scheduled.num_tokens
+        block_size = self.block_manager.block_size
+        if scheduled.start // block_size != request.num_computed_tokens // block_size:
+            self.block_manager.cache_full_blocks(request.token_ids, request.block_ids, request.num_computed_tokens)
+
+    def _free_blocks(self, request: Request) -> None:
+        self.block_manager.release(request.block_ids)
+        request.block_ids = []
+        request.num_computed_tokens = 0

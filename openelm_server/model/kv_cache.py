@@ -1,14 +1,23 @@
-"""The key/value cache: one slot per running sequence, allocated once at start-up.
+"""The key/value cache: one pool of fixed-size blocks per layer, allocated once at start-up.
 
-Each layer holds keys and values as [slots, kv_heads, max_length, head_dim] (OpenELM layers
-differ in KV head count, so layers are separate tensors). A sequence owns one slot from
-admission to finish; its tokens sit at their positions in it, keys already rotated. Reading a
-run of consecutive slots is a view, so decoding the whole running batch copies nothing.
+Each layer holds keys and values as [num_blocks, block_size, kv_heads, head_dim] (OpenELM layers
+differ in KV head count, so layers are separate tensors). A sequence's tokens sit in the blocks
+its block table lists, in order: position p is at offset p % block_size of block
+table[p // block_size]; keys are stored rotated. Which block belongs to which sequence is the
+engine's business (engine/block_manager.py); this file holds the tensors.
+
+Block 0 is scratch and never given to a sequence: padding tokens write there and padding entries
+of a block table point there, so padding never touches a sequence's keys.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+BLOCK_SIZE = 16
+SCRATCH_BLOCK = 0
 
 
 class KVCache:
@@ -16,61 +25,70 @@ class KVCache:
         self,
         num_kv_heads: tuple[int, ...],
         head_dim: int,
-        num_slots: int,
-        max_length: int,
+        num_blocks: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        block_size: int = BLOCK_SIZE,
+        slot_length: int | None = None,
     ):
-        self.num_slots = num_slots
-        self.max_length = max_length
-        self.keys = [torch.zeros(num_slots, h, max_length, head_dim, dtype=dtype, device=device) for h in num_kv_heads]
+        """``slot_length`` lays the cache out in fixed slots of that many tokens (slot s owns the
+        blocks after the scratch block in order), for callers that run fixed rows without a
+        block manager: tests, warm-ups and benchmarks of the model alone."""
+        if num_blocks < 2:
+            raise ValueError(f"a KV cache needs at least 2 blocks (one is scratch), got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.slot_length = slot_length
+        self.keys = [torch.zeros(num_blocks, block_size, h, head_dim, dtype=dtype, device=device) for h in num_kv_heads]
         self.values = [torch.zeros_like(k) for k in self.keys]
-        self._free_slots = list(range(num_slots))
+
+    @classmethod
+    def for_slots(
+        cls,
+        num_kv_heads: tuple[int, ...],
+        head_dim: int,
+        num_slots: int,
+        slot_length: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> KVCache:
+        blocks = 1 + num_slots * math.ceil(slot_length / BLOCK_SIZE)
+        return cls(num_kv_heads, head_dim, blocks, dtype, device, slot_length=slot_length)
 
     @staticmethod
-    def bytes_needed(
-        num_kv_heads: tuple[int, ...], head_dim: int, num_slots: int, max_length: int, dtype: torch.dtype
-    ) -> int:
+    def bytes_per_token(num_kv_heads: tuple[int, ...], head_dim: int, dtype: torch.dtype) -> int:
         element_size = torch.empty((), dtype=dtype).element_size()
-        return 2 * sum(num_kv_heads) * head_dim * num_slots * max_length * element_size
+        return 2 * sum(num_kv_heads) * head_dim * element_size
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
-    @property
-    def free_slot_count(self) -> int:
-        return len(self._free_slots)
+    def slot_block_table(self, slot: int, length: int) -> list[int]:
+        """The blocks of fixed slot ``slot`` that hold its first ``length`` tokens."""
+        if self.slot_length is None:
+            raise ValueError("this KV cache is paged by a block manager, not laid out in fixed slots")
+        per_slot = math.ceil(self.slot_length / self.block_size)
+        first = 1 + slot * per_slot
+        if first + per_slot > self.num_blocks or length > self.slot_length:
+            raise ValueError(f"slot {slot} with {length} tokens is beyond a cache of {self.num_blocks} blocks")
+        return list(range(first, first + math.ceil(length / self.block_size)))
 
-    @property
-    def used_slot_count(self) -> int:
-        return self.num_slots - len(self._free_slots)
+    def write(self, layer: int, slot_mapping: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store [tokens, heads, dim] keys/values at ``slot_mapping`` [tokens] (block * block_size + offset)."""
+        heads, dim = keys.shape[1:]
+        self.keys[layer].view(-1, heads, dim).index_copy_(0, slot_mapping, keys)
+        self.values[layer].view(-1, heads, dim).index_copy_(0, slot_mapping, values)
 
-    def allocate(self) -> int | None:
-        """The lowest free slot, so that running sequences stay packed at the front."""
-        if not self._free_slots:
-            return None
-        slot = min(self._free_slots)
-        self._free_slots.remove(slot)
-        return slot
-
-    def release(self, slot: int) -> None:
-        if slot in self._free_slots or not 0 <= slot < self.num_slots:
-            raise ValueError(f"slot {slot} is not allocated")
-        self._free_slots.append(slot)
-
-    def write(
-        self, layer: int, slot_index: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
-    ) -> None:
-        """Store [batch, heads, length, dim] keys/values at (slot_index, positions), both [batch, length]."""
-        self.keys[layer][slot_index, :, positions] = keys.transpose(1, 2)
-        self.values[layer][slot_index, :, positions] = values.transpose(1, 2)
-
-    def read(self, layer: int, slots: list[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values [batch, heads, length, dim] of the first ``length`` positions of ``slots``."""
-        first = slots[0]
-        if slots == list(range(first, first + len(slots))):
-            window = slice(first, first + len(slots))
-            return self.keys[layer][window, :, :length], self.values[layer][window, :, :length]
-        index = torch.tensor(slots, device=self.keys[layer].device)
-        return self.keys[layer][index, :, :length], self.values[layer][index, :, :length]
+    def gather(self, layer: int, block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [rows, heads, blocks * block_size, dim] of the blocks in ``block_table``
+        [rows, blocks], in table order: key j of a row is that row's position j."""
+        rows, blocks = block_table.shape
+        keys = self.keys[layer][block_table]
+        values = self.values[layer][block_table]
+        heads, dim = keys.shape[-2:]
+        length = blocks * self.block_size
+        return (
+            keys.view(rows, length, heads, dim).transpose(1, 2),
+            values.view(rows, length, heads, dim).transpose(1, 2),
+        )

@@ -1,9 +1,10 @@
 """OpenELM in plain PyTorch: the layers and the forward pass, nothing else.
 
 Reads the weights Apple publishes by their names (see loader.py), without their remote code. The
-forward pass is made for serving: keys are rotated once and stored rotated in a
-:class:`~openelm_server.model.kv_cache.KVCache`, and every token carries its own position, so one
-call can prefill prompts or decode one token for sequences that sit at different positions.
+forward pass is made for serving: keys are rotated once and stored rotated in the blocks of a
+:class:`~openelm_server.model.kv_cache.KVCache`, and every token carries its own position and
+cache slot, so one call can decode one token for some sequences and prefill prompt chunks of
+others, each at its own position.
 """
 
 from __future__ import annotations
@@ -107,9 +108,9 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
         self.out_proj = nn.Linear(self.num_query_heads * config.head_dim, config.model_dim, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], step: ForwardBatch) -> torch.Tensor:
-        batch, length, _ = x.shape
-        qkv = self.qkv_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: ForwardBatch) -> torch.Tensor:
+        """``x`` is [tokens, model_dim]: every token of the batch, the groups' tokens one after another."""
+        qkv = self.qkv_proj(x).view(x.shape[0], -1, self.head_dim)
         queries, keys, values = qkv.split([self.num_query_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
         if self.q_norm is not None:
             queries = self.q_norm(queries)
@@ -118,10 +119,14 @@ class Attention(nn.Module):
         queries = rotate(queries, cos, sin)
         keys = rotate(keys, cos, sin)
 
-        step.kv_cache.write(self.layer, step.slot_index, step.positions, keys, values)
-        cached_keys, cached_values = step.kv_cache.read(self.layer, step.slots, step.context_length)
-        attended = grouped_query_attention(queries, cached_keys, cached_values, step.attention_mask)
-        return self.out_proj(attended.transpose(1, 2).reshape(batch, length, -1))
+        batch.kv_cache.write(self.layer, batch.slot_mapping, keys, values)
+        attended = []
+        for group in batch.groups:
+            group_queries = queries[group.start : group.end].view(group.rows, group.query_length, -1, self.head_dim)
+            cached_keys, cached_values = batch.kv_cache.gather(self.layer, group.block_table)
+            out = grouped_query_attention(group_queries.transpose(1, 2), cached_keys, cached_values, group.mask)
+            attended.append(out.transpose(1, 2).reshape(group.end - group.start, -1))
+        return self.out_proj(attended[0] if len(attended) == 1 else torch.cat(attended))
 
 
 class FeedForward(nn.Module):
@@ -146,8 +151,8 @@ class DecoderLayer(nn.Module):
         self.ffn_norm = RMSNorm(config.model_dim, config.norm_eps)
         self.ffn = FeedForward(config, layer)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], step: ForwardBatch) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, step)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: ForwardBatch) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, batch)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -162,40 +167,63 @@ class Transformer(nn.Module):
 
 
 @dataclass
-class ForwardBatch:
-    """Where each token of one forward call sits: its sequence's cache slot and its position.
+class AttentionGroup:
+    """Rows that attend together: ``rows`` sequences of ``query_length`` tokens each, tokens
+    [start, end) of the batch in row order. Row i's keys are in the blocks of ``block_table[i]``
+    ([rows, blocks]; padding entries point at the scratch block); ``mask`` [rows, 1, query_length,
+    blocks * block_size] lets each token see the positions up to its own."""
 
-    ``positions`` is [batch, length]; rows are sequences, ``slots[i]`` is row i's cache slot.
-    Padding at the end of a row is harmless: it writes keys past that row's last real token,
-    where they are overwritten before anything reads them.
+    start: int
+    rows: int
+    query_length: int
+    block_table: torch.Tensor
+    mask: torch.Tensor
+
+    @property
+    def end(self) -> int:
+        return self.start + self.rows * self.query_length
+
+    @classmethod
+    def build(cls, start: int, positions: torch.Tensor, block_table: torch.Tensor, block_size: int) -> AttentionGroup:
+        """``positions`` [rows, query_length] on the device; building the mask there needs no host sync."""
+        rows, query_length = positions.shape
+        key_positions = torch.arange(block_table.shape[1] * block_size, device=positions.device)
+        mask = key_positions.view(1, 1, 1, -1) <= positions.view(rows, 1, query_length, 1)
+        return cls(start, rows, query_length, block_table, mask)
+
+
+@dataclass
+class ForwardBatch:
+    """Where each token of one forward call goes: its position, the cache slot its keys are
+    written to (``slot_mapping``, block * block_size + offset), and the attention groups.
+
+    Tokens are counted flat, in the order of the token ids passed to the model (a [rows, length]
+    input is read row by row). Decoding rows and prompt chunks of different lengths share one
+    call: every layer but attention sees one flat run of tokens, attention runs per group.
     """
 
     kv_cache: KVCache
-    slots: list[int]
     positions: torch.Tensor
-    slot_index: torch.Tensor
-    context_length: int
-    attention_mask: torch.Tensor
+    slot_mapping: torch.Tensor
+    groups: list[AttentionGroup]
 
     @classmethod
     def build(
-        cls,
-        kv_cache: KVCache,
-        slots: list[int],
-        positions: torch.Tensor,
-        context_length: int | None = None,
-        slot_index: torch.Tensor | None = None,
+        cls, kv_cache: KVCache, slots: list[int], positions: torch.Tensor, context_length: int | None = None
     ) -> ForwardBatch:
-        """A CUDA-graph step passes ``context_length`` (keys attended, > every position) and
-        ``slot_index`` ([batch, 1] on the device) so that nothing here syncs with the host."""
+        """Rows of equal length in the fixed slots of a cache made by ``OpenELM.new_kv_cache``:
+        row i is the sequence in slot ``slots[i]``, ``positions`` [rows, length]. For the model
+        alone (tests, warm-ups, benchmarks); the engine pages its cache through a block manager."""
         if context_length is None:
             context_length = int(positions.max()) + 1
         device = positions.device
-        key_positions = torch.arange(context_length, device=device)
-        mask = key_positions.view(1, 1, 1, -1) <= positions.unsqueeze(1).unsqueeze(-1)
-        if slot_index is None:
-            slot_index = torch.tensor(slots, device=device).unsqueeze(1)
-        return cls(kv_cache, slots, positions, slot_index.expand_as(positions), context_length, mask)
+        tables = [kv_cache.slot_block_table(slot, context_length) for slot in slots]
+        block_table = torch.tensor(tables, dtype=torch.long, device=device)
+        block_size = kv_cache.block_size
+        row_blocks = block_table.gather(1, positions // block_size)
+        slot_mapping = (row_blocks * block_size + positions % block_size).reshape(-1)
+        group = AttentionGroup.build(0, positions, block_table, block_size)
+        return cls(kv_cache, positions.reshape(-1), slot_mapping, [group])
 
 
 class OpenELM(nn.Module):
@@ -218,13 +246,13 @@ class OpenELM(nn.Module):
         self.rope_cos = angles.cos()
         self.rope_sin = angles.sin()
 
-    def forward(self, token_ids: torch.Tensor, step: ForwardBatch) -> torch.Tensor:
-        """Hidden states [batch, length, model_dim] after the final norm; fills the cache."""
-        rope = (self.rope_cos[step.positions].unsqueeze(1), self.rope_sin[step.positions].unsqueeze(1))
-        x = self.transformer.token_embeddings(token_ids)
+    def forward(self, token_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """Hidden states (``token_ids``' shape + [model_dim]) after the final norm; fills the cache."""
+        rope = (self.rope_cos[batch.positions].unsqueeze(1), self.rope_sin[batch.positions].unsqueeze(1))
+        x = self.transformer.token_embeddings(token_ids.reshape(-1))
         for layer in self.transformer.layers:
-            x = layer(x, rope, step)
-        return self.transformer.norm(x)
+            x = layer(x, rope, batch)
+        return self.transformer.norm(x).view(*token_ids.shape, -1)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:
@@ -232,12 +260,13 @@ class OpenELM(nn.Module):
         return self.lm_head(hidden)
 
     def new_kv_cache(self, num_slots: int, max_length: int) -> KVCache:
+        """A cache in fixed slots of ``max_length`` tokens, for ``ForwardBatch.build``."""
         embeddings = self.transformer.token_embeddings.weight
-        return KVCache(
-            self.config.num_kv_heads,
-            self.config.head_dim,
-            num_slots,
-            max_length,
-            dtype=embeddings.dtype,
-            device=embeddings.device,
+        return KVCache.for_slots(
+            self.config.num_kv_heads, self.config.head_dim, num_slots, max_length, embeddings.dtype, embeddings.device
         )
+
+    def new_paged_kv_cache(self, num_blocks: int) -> KVCache:
+        """A pool of ``num_blocks`` blocks for the engine's block manager."""
+        embeddings = self.transformer.token_embeddings.weight
+        return KVCache(self.config.num_kv_heads, self.config.head_dim, num_blocks, embeddings.dtype, embeddings.device)

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from openelm_server.config import Settings
-from openelm_server.engine.async_engine import Engine, EngineError, GenerationEvent, QueueFullError, RequestStream
+from openelm_server.engine.async_engine import Engine, QueueFullError, RequestStream
 from openelm_server.engine.logprobs import TokenLogprob
-from openelm_server.engine.output import IncrementalDetokenizer
+from openelm_server.engine.output import EngineError, GenerationEvent, IncrementalDetokenizer
 from openelm_server.engine.sampling import SamplingParams
 from openelm_server.serving.errors import ApiError
 from openelm_server.serving.metrics import Metrics

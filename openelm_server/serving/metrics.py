@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1, 2.5)
@@ -36,12 +37,13 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
-        waiting = Gauge("openelm_requests_waiting", "Requests waiting for a KV-cache slot", registry=self.registry)
+        waiting = Gauge("openelm_requests_waiting", "Requests waiting to run", registry=self.registry)
         running = Gauge("openelm_requests_running", "Requests generating", registry=self.registry)
-        kv_usage = Gauge("openelm_kv_cache_usage_ratio", "Fraction of KV-cache slots in use", registry=self.registry)
+        kv_usage = Gauge("openelm_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use", registry=self.registry)
         waiting.set_function(lambda: engine_stats().waiting)
         running.set_function(lambda: engine_stats().running)
-        kv_usage.set_function(lambda: engine_stats().kv_slots_used / engine_stats().kv_slots_total)
+        kv_usage.set_function(lambda: engine_stats().kv_blocks_used / engine_stats().kv_blocks_total)
+        self.registry.register(_EngineCounters(engine_stats))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -56,3 +58,25 @@ class Metrics:
             self.time_to_first_token.observe(first_token - start)
             if completion_tokens > 1:
                 self.time_per_output_token.observe((end - first_token) / (completion_tokens - 1))
+
+
+class _EngineCounters:
+    """The engine's running totals, read at each scrape (the engine keeps them, not Prometheus)."""
+
+    def __init__(self, engine_stats: Callable):
+        self.engine_stats = engine_stats
+
+    def collect(self):
+        stats = self.engine_stats()
+        for name, help_text, value in (
+            ("openelm_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", stats.prefix_cache_queries),
+            ("openelm_prefix_cache_hits", "Prompt tokens found in the prefix cache", stats.prefix_cache_hits),
+            (
+                "openelm_preemptions",
+                "Requests preempted (recomputed later) when the KV cache ran out",
+                stats.preemptions,
+            ),
+        ):
+            counter = CounterMetricFamily(name, help_text)
+            counter.add_metric([], value)
+            yield counter

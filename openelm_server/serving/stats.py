@@ -16,8 +16,9 @@ class ServerStats(BaseModel):
     model: str
     requests_running: int
     requests_waiting: int
-    kv_cache_slots_used: int
-    kv_cache_slots_total: int
+    kv_cache_blocks_used: int
+    kv_cache_blocks_total: int
+    prefix_cache_hit_tokens: int
     kv_cache_usage: float
     max_model_len: int
     max_tokens_limit: int
@@ -31,9 +32,10 @@ async def server_stats(request: Request) -> ServerStats:
         model=request.app.state.settings.model_name,
         requests_running=stats.running,
         requests_waiting=stats.waiting,
-        kv_cache_slots_used=stats.kv_slots_used,
-        kv_cache_slots_total=stats.kv_slots_total,
-        kv_cache_usage=stats.kv_slots_used / stats.kv_slots_total,
+        kv_cache_blocks_used=stats.kv_blocks_used,
+        kv_cache_blocks_total=stats.kv_blocks_total,
+        kv_cache_usage=stats.kv_blocks_used / stats.kv_blocks_total,
+        prefix_cache_hit_tokens=stats.prefix_cache_hits,
         max_model_len=gateway.max_model_len,
         max_tokens_limit=gateway.settings.max_tokens_limit,
     )

@@ -56,7 +56,7 @@ async function showState() {
       const s = await response.json();
       $("model").textContent = s.model;
       $("server-state").textContent = `running ${s.requests_running} · waiting ${s.requests_waiting} · `
-        + `KV cache ${s.kv_cache_slots_used}/${s.kv_cache_slots_total} slots (${Math.round(s.kv_cache_usage * 100)}%)`;
+        + `KV cache ${s.kv_cache_blocks_used}/${s.kv_cache_blocks_total} blocks (${Math.round(s.kv_cache_usage * 100)}%)`;
     } else {
       $("server-state").textContent = `state unavailable (HTTP ${response.status})`;
     }

@@ -1,0 +1,85 @@
+"""Runs one step's tokens through the model: builds the batch tensors, eagerly or as a CUDA graph.
+
+A step's tokens are laid out flat: first every row that feeds one token (decodes), attending as
+one group, then each longer prompt chunk as a group of its own. A step of decodes alone goes
+through the static decoder when there is one (CUDA graphs on CUDA). Logits are computed only at
+the positions the caller asks for, in one call.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from openelm_server.engine.cuda_graphs import StaticDecoder
+from openelm_server.engine.scheduler import ScheduledRequest
+from openelm_server.model.kv_cache import SCRATCH_BLOCK, KVCache
+from openelm_server.model.openelm import AttentionGroup, ForwardBatch, OpenELM
+
+
+class ModelRunner:
+    def __init__(self, model: OpenELM, kv_cache: KVCache, static_decoder: StaticDecoder | None):
+        self.model = model
+        self.kv_cache = kv_cache
+        self.static_decoder = static_decoder
+        self.device = model.transformer.token_embeddings.weight.device
+
+    def run(self, scheduled: list[ScheduledRequest], wanted: list[list[int]]) -> list[torch.Tensor]:
+        """Computes the scheduled tokens; returns, per scheduled request, the logits [len(w), vocab]
+        at the offsets ``w = wanted[i]`` of its tokens this step."""
+        decodes = [i for i, s in enumerate(scheduled) if s.num_tokens == 1]
+        chunks = [i for i, s in enumerate(scheduled) if s.num_tokens > 1]
+        if (
+            self.static_decoder is not None
+            and not chunks
+            and len(decodes) <= self.static_decoder.max_rows
+            and all(w == [0] for w in wanted)
+        ):
+            logits = self.static_decoder.decode(
+                [s.request.token_ids[s.start] for s in scheduled],
+                [s.start for s in scheduled],
+                [s.request.block_ids for s in scheduled],
+            )
+            return [logits[i : i + 1] for i in range(len(scheduled))]
+        order = decodes + chunks
+        offsets: dict[int, int] = {}
+        tokens: list[int] = []
+        positions: list[int] = []
+        for i in order:
+            offsets[i] = len(tokens)
+            s = scheduled[i]
+            tokens += s.request.token_ids[s.start : s.start + s.num_tokens]
+            positions += range(s.start, s.start + s.num_tokens)
+        block_size = self.kv_cache.block_size
+        slots = []
+        for i in order:
+            s = scheduled[i]
+            table = s.request.block_ids
+            slots += [
+                table[p // block_size] * block_size + p % block_size for p in range(s.start, s.start + s.num_tokens)
+            ]
+        position_tensor = torch.tensor(positions, device=self.device)
+        groups = []
+        if decodes:
+            groups.append(self._group(0, [scheduled[i] for i in decodes], position_tensor[: len(decodes)].view(-1, 1)))
+        for i in chunks:
+            s = scheduled[i]
+            start = offsets[i]
+            groups.append(self._group(start, [s], position_tensor[start : start + s.num_tokens].view(1, -1)))
+        batch = ForwardBatch(
+            self.kv_cache, position_tensor, torch.tensor(slots, dtype=torch.long, device=self.device), groups
+        )
+        hidden = self.model(torch.tensor(tokens, device=self.device), batch)
+        rows = [offsets[i] + offset for i in range(len(scheduled)) for offset in wanted[i]]
+        if not rows:
+            return [hidden[:0]] * len(scheduled)
+        logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)])
+        split = list(logits.split([len(w) for w in wanted]))
+        return split
+
+    def _group(self, start: int, rows: list[ScheduledRequest], positions: torch.Tensor) -> AttentionGroup:
+        width = max(-(-(s.start + s.num_tokens) // self.kv_cache.block_size) for s in rows)
+        table = torch.full((len(rows), width), SCRATCH_BLOCK, dtype=torch.long)
+        for row, s in enumerate(rows):
+            blocks = s.request.block_ids[:width]
+            table[row, : len(blocks)] = torch.tensor(blocks)
+        return AttentionGroup.build(start, positions, table.to(self.device), self.kv_cache.block_size)
