@@ -84,7 +84,8 @@ class Int8Linear(nn.Module):
         return cls(quantized, scales)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        return (self.weight.to(dtype) * self.scales.to(dtype).unsqueeze(1)).contiguous()
+        """The float weight the layer stands for, rounded to ``dtype`` once (not the scales first)."""
+        return (self.weight.float() * self.scales.float().unsqueeze(1)).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)

@@ -227,7 +227,7 @@ def test_greedy_tokens_agree_with_the_reference(int8_model, reference):
 
 def test_perplexity_on_a_text_is_close_to_float32s(int8_model, float_model, shared_tokenizer_dir):
     """Random weights give an absurd perplexity (e^34) whatever the precision; the ratio is what
-    int8 changes. Measured: 0.93 (int8 / float32) on this text; bfloat16: 1.01."""
+    int8 changes. Measured on this text (68 tokens): 0.997 (int8 / float32); bfloat16: 1.009."""
     token_ids = load_tokenizer(shared_tokenizer_dir)(TEXT).input_ids
     targets = torch.tensor(token_ids[1:])
     losses = {
