@@ -86,15 +86,16 @@ def cpu_flags() -> set[str] | None:
 
 def warn_if_slow_bfloat16(dtype: torch.dtype, device: torch.device, flags: set[str] | None) -> None:
     """bfloat16 works on any CPU, but without bfloat16 instructions PyTorch converts every operand
-    to float32 and back: on a 2-core AMD EPYC without AVX-512 a 270M decode step is slower in
-    bfloat16 than in float32 (BENCHMARKS.md), which a user choosing it for speed should know."""
+    to float32 and back: on a 2-core AMD EPYC without AVX-512, OpenELM-270M decoded no faster in
+    bfloat16 than in float32 and took 3.6x as long to its first token (BENCHMARKS.md). A user who
+    chooses bfloat16 for speed should know."""
     if device.type != "cpu" or dtype != torch.bfloat16 or flags is None:
         return
     if not flags & set(BFLOAT16_CPU_FLAGS):
         log.warning(
-            "--dtype bfloat16 on a CPU without bfloat16 instructions (no %s in /proc/cpuinfo): it works, at "
-            "float32's precision or below and usually slower than float32; --dtype float32 or --quantization int8 "
-            "are faster here",
+            "--dtype bfloat16 on a CPU without bfloat16 instructions (no %s in /proc/cpuinfo): it works, but "
+            "prompts take several times as long as in float32 and decoding is no faster; --dtype float32 or "
+            "--quantization int8 are faster here",
             " / ".join(BFLOAT16_CPU_FLAGS),
         )
 

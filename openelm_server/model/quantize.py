@@ -9,9 +9,9 @@ Invariants of :class:`Int8Linear`:
 
 - ``weight`` is int8 [out_features, in_features], contiguous, in a fresh (64-byte aligned)
   allocation; ``scales`` is [out_features] in the dtype the matmul takes (below).
-- ``in_features`` is a multiple of :data:`IN_FEATURES_MULTIPLE`: the CPU kernel reads 16 values
-  at a time and reads garbage past the row's end otherwise (measured: wrong outputs for
-  in_features = 3, 5, 60, ... in bfloat16, with no error raised).
+- ``in_features`` is a multiple of :data:`IN_FEATURES_MULTIPLE`: the CPU kernel reads 8 (AVX2) or
+  16 (AVX-512) values at a time and reads garbage past the row's end otherwise (measured: wrong
+  outputs for in_features = 3, 5, 60, ... in bfloat16, with no error raised).
 - The tied output layer (OpenELM shares the token embedding with the logits) gets an int8 copy
   of the embedding: the lookup keeps the float table, the logits read the int8 one. That costs a
   quarter of the float32 embedding (41 MB for 270M) and saves reading the whole float table every
@@ -26,22 +26,19 @@ The matmul is PyTorch's ``aten._weight_int8pack_mm`` (x [rows, in] @ int8 [out, 
   model's linear layers then compute at bfloat16 precision (the quality cost in the README counts
   it). The kernel loads its input with aligned vector loads and crashes the process on an input
   that is not 16-byte aligned, so the input is copied to a fresh tensor when it is not.
-- CUDA: a float32 kernel with one warp per output element, which reads the int8 weights once per
-  row. That suits decode steps of a few sequences; for more rows (prefill) the layer dequantizes
-  the weight to the activations' dtype and uses the ordinary matmul (tensor cores), which keeps
-  prompt processing at bfloat16 speed. Both are plain tensor ops, so decode steps capture into CUDA
-  graphs. Not measured on a GPU yet: :data:`CUDA_KERNEL_MAX_ROWS` is a reasoned guess.
+- CUDA: a float32 kernel that computes each output element on its own from a row of int8
+  weights (no tensor cores, weights re-read for every input row). That suits decode steps of a
+  few sequences; for more rows (prefill) the layer dequantizes the weight to the activations'
+  dtype and uses the ordinary matmul (tensor cores), which keeps prompt processing at bfloat16
+  speed. Both are plain tensor ops, so decode steps capture into CUDA graphs. Not run on a GPU
+  yet: :data:`CUDA_KERNEL_MAX_ROWS` is a reasoned guess.
 """
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-log = logging.getLogger(__name__)
 
 QUANTIZATIONS = ("none", "int8")
 IN_FEATURES_MULTIPLE = 16

@@ -25,6 +25,7 @@ from openelm_server.model import quantize
 from openelm_server.model.loader import load_openelm
 from openelm_server.model.openelm import ForwardBatch, OpenELM
 from openelm_server.model.quantize import Int8Linear, QuantizationError, check_int8_support
+from openelm_server.testing.checkpoints import write_tiny_checkpoint
 from openelm_server.tokenizer import load_tokenizer
 
 # A short English text for perplexity, tokenized with the real Llama-2 tokenizer.
@@ -145,6 +146,22 @@ def test_every_linear_layer_is_int8_and_embeddings_and_norms_stay_float(int8_mod
     embedding = float_model.transformer.token_embeddings.weight
     head = int8_model.lm_head.dequantized(torch.float32)
     assert float((head - embedding).abs().max()) <= float(int8_model.lm_head.scales.float().max())
+
+
+def test_an_untied_output_layer_is_quantized_from_its_own_weight_in_a_sharded_checkpoint(tmp_path):
+    directory = write_tiny_checkpoint(
+        tmp_path / "untied", vocab_size=320, max_shard_bytes=200_000, share_input_output_layers=False
+    )
+    assert len(list(directory.glob("*.safetensors"))) > 1
+    float_model = load_openelm(directory, show_progress=False)
+    int8_model = load_openelm(directory, show_progress=False, quantization="int8")
+    assert isinstance(int8_model.lm_head, Int8Linear)
+    head = int8_model.lm_head.dequantized(torch.float32)
+    assert float((head - float_model.lm_head.weight).abs().max()) <= float(int8_model.lm_head.scales.float().max())
+    assert torch.equal(int8_model.transformer.token_embeddings.weight, float_model.transformer.token_embeddings.weight)
+    token_ids = [1, 5, 9, 14, 2, 7]
+    want, got = all_logits(float_model, token_ids), all_logits(int8_model, token_ids)
+    assert float((got - want).norm() / want.norm()) < 0.05
 
 
 def test_an_unknown_quantization_is_refused(shared_model_dir):
