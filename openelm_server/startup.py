@@ -21,6 +21,7 @@ from openelm_server.model.kv_cache import KVCache
 from openelm_server.model.linear_choice import choose_linear_kernels
 from openelm_server.model.loader import checkpoint_files, load_openelm
 from openelm_server.model.openelm import ForwardBatch, OpenELM, fuse_elementwise
+from openelm_server.model.quantize import QuantizationError, check_int8_support, int8_megabytes
 from openelm_server.serving.chat_template import ChatTemplate, ChatTemplateError
 from openelm_server.tokenizer import TokenizerError, load_tokenizer
 
@@ -33,7 +34,17 @@ class StartupError(Exception):
     """A problem that stops the server before it serves; the message is one clear line."""
 
 
-STARTUP_ERRORS = (StartupError, ListenError, CheckpointError, TokenizerError, ChatTemplateError, DemoError)
+STARTUP_ERRORS = (
+    StartupError,
+    ListenError,
+    CheckpointError,
+    TokenizerError,
+    ChatTemplateError,
+    DemoError,
+    QuantizationError,
+)
+# CPU instructions that multiply bfloat16 natively (x86: AVX-512 BF16, AMX; Arm: the BF16 extension).
+BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -59,6 +70,35 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return DTYPES[name]
+
+
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo (x86 "flags", Arm "Features"); None where unreadable."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return None
+
+
+def warn_if_slow_bfloat16(dtype: torch.dtype, device: torch.device, flags: set[str] | None) -> None:
+    """bfloat16 works on any CPU, but without bfloat16 instructions PyTorch converts every operand
+    to float32 and back: on a 2-core AMD EPYC without AVX-512, OpenELM-270M decoded no faster in
+    bfloat16 than in float32 and took 3.6x as long to its first token (BENCHMARKS.md). A user who
+    chooses bfloat16 for speed should know."""
+    if device.type != "cpu" or dtype != torch.bfloat16 or flags is None:
+        return
+    if not flags & set(BFLOAT16_CPU_FLAGS):
+        log.warning(
+            "--dtype bfloat16 on a CPU without bfloat16 instructions (no %s in /proc/cpuinfo): it works, but "
+            "prompts take several times as long as in float32 and decoding is no faster; --dtype float32 or "
+            "--quantization int8 are faster here",
+            " / ".join(BFLOAT16_CPU_FLAGS),
+        )
 
 
 def check_directories(settings: Settings) -> None:
@@ -163,8 +203,17 @@ def build_engine(settings: Settings) -> tuple[Engine, object]:
     ChatTemplate.choose(settings.chat_template, tokenizer)
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
-    model = load_openelm(settings.model_path, device=device, dtype=dtype)
-    if can_use_onednn(model):
+    warn_if_slow_bfloat16(dtype, device, cpu_flags())
+    if settings.quantization == "int8":
+        check_int8_support(device)
+    model = load_openelm(settings.model_path, device=device, dtype=dtype, quantization=settings.quantization)
+    if settings.quantization == "int8":
+        # int8 layers are no candidates for the float32 kernel choice below: there is no float weight left.
+        log.info(
+            "linear layers and the output layer in int8 with per-channel scales: %.0f MB",
+            int8_megabytes(model),
+        )
+    elif can_use_onednn(model):
         if settings.onednn_linear is None:
             choose_linear_kernels(model)
         elif settings.onednn_linear:

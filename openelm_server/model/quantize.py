@@ -1,0 +1,142 @@
+"""Int8 weight-only linear layers: half the bytes of bfloat16 and a quarter of float32's per decode step.
+
+Decoding one sequence reads every weight once per token, so its speed is the weights' bytes over
+the memory bandwidth. ``--quantization int8`` stores each linear layer's weight as int8 with one
+scale per output channel (row): ``weight ≈ int8 * scales[:, None]``, symmetric, the scale being the
+row's largest magnitude / 127. Activations stay floating point; embeddings and norms stay as loaded.
+
+Invariants of :class:`Int8Linear`:
+
+- ``weight`` is int8 [out_features, in_features], contiguous, in a fresh (64-byte aligned)
+  allocation; ``scales`` is [out_features] in the dtype the matmul takes (below).
+- ``in_features`` is a multiple of :data:`IN_FEATURES_MULTIPLE`: the CPU kernel reads 8 (AVX2) or
+  16 (AVX-512) values at a time and reads garbage past the row's end otherwise (measured: wrong
+  outputs for in_features = 3, 5, 60, ... in bfloat16, with no error raised).
+- The tied output layer (OpenELM shares the token embedding with the logits) gets an int8 copy
+  of the embedding: the lookup keeps the float table, the logits read the int8 one. That costs a
+  quarter of the float32 embedding (41 MB for 270M) and saves reading the whole float table every
+  decode step (164 MB of 270M's 1.1 GB in float32; left in float it would be 40% of the int8
+  model's bytes per token).
+
+The matmul is PyTorch's ``aten._weight_int8pack_mm`` (x [rows, in] @ int8 [out, in].T * scales):
+
+- CPU: it runs in bfloat16. Its float32 variant is a plain scalar loop on x86 (5-10x slower than
+  float32 ``F.linear`` on a 2-core AMD EPYC), while the bfloat16 one is vectorised (AVX2/AVX-512).
+  So the layer rounds its input to bfloat16 and its output comes back from bfloat16: a float32
+  model's linear layers then compute at bfloat16 precision (the quality cost in the README counts
+  it). The kernel loads its input with aligned vector loads and crashes the process on an input
+  that is not 16-byte aligned, so the input is copied to a fresh tensor when it is not.
+- CUDA: a float32 kernel that computes each output element on its own from a row of int8
+  weights (no tensor cores, weights re-read for every input row). That suits decode steps of a
+  few sequences; for more rows (prefill) the layer dequantizes the weight to the activations'
+  dtype and uses the ordinary matmul (tensor cores), which keeps prompt processing at bfloat16
+  speed. Both are plain tensor ops, so decode steps capture into CUDA graphs. Not run on a GPU
+  yet: :data:`CUDA_KERNEL_MAX_ROWS` is a reasoned guess.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+QUANTIZATIONS = ("none", "int8")
+IN_FEATURES_MULTIPLE = 16
+CUDA_KERNEL_MAX_ROWS = 8
+_ALIGNMENT_BYTES = 64
+
+
+class QuantizationError(Exception):
+    """int8 cannot run here or on this checkpoint; the message says why, in one line."""
+
+
+def matmul_dtype(device: torch.device) -> torch.dtype:
+    """The dtype the int8 kernel computes in on ``device`` (see the module docstring)."""
+    return torch.bfloat16 if device.type == "cpu" else torch.float32
+
+
+class Int8Linear(nn.Module):
+    """``y = x @ (weight * scales[:, None]).T`` with an int8 weight; x and y keep their dtype."""
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight)
+        self.register_buffer("scales", scales)
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, name: str) -> Int8Linear:
+        """Per-output-channel symmetric int8 of a float [out, in] weight, on the weight's device.
+        The int8 values are rounded against the scales as stored (bfloat16 on the CPU), so that
+        the rounding of a scale does not shift its whole channel."""
+        if weight.dim() != 2 or weight.shape[1] % IN_FEATURES_MULTIPLE:
+            raise QuantizationError(
+                f"{name}: weight of shape {tuple(weight.shape)} cannot be int8: the int8 matmul needs "
+                f"in_features to be a multiple of {IN_FEATURES_MULTIPLE}; use --quantization none"
+            )
+        values = weight.detach().float()
+        largest = values.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny)
+        scales = (largest / 127).to(matmul_dtype(weight.device))
+        quantized = torch.div(values, scales.float().unsqueeze(1)).round_().clamp_(-127, 127).to(torch.int8)
+        return cls(quantized, scales)
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The float weight the layer stands for, rounded to ``dtype`` once (not the scales first)."""
+        return (self.weight.float() * self.scales.float().unsqueeze(1)).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if x.is_cuda and rows.shape[0] > CUDA_KERNEL_MAX_ROWS:
+            return F.linear(x, self.dequantized(x.dtype))
+        rows = rows.to(matmul_dtype(x.device)).contiguous()
+        if rows.data_ptr() % _ALIGNMENT_BYTES:
+            rows = rows.clone()
+        out = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scales)
+        return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+def check_int8_support(device: torch.device) -> None:
+    """One small int8 matmul against the float one, before any weight loads: an error names
+    what is missing here (the operator, the device type) instead of failing mid-load or serving
+    wrong numbers."""
+    if device.type not in ("cpu", "cuda"):
+        raise QuantizationError(f"--quantization int8 runs on the CPU and CUDA, not on {device.type}")
+    if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+        raise QuantizationError(
+            f"--quantization int8 needs torch.ops.aten._weight_int8pack_mm, which torch {torch.__version__} "
+            "lacks; upgrade PyTorch or use --quantization none"
+        )
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(48, 64, generator=generator).to(device)
+    x = torch.randn(3, 64, generator=generator).to(device)
+    layer = Int8Linear.quantize(weight, "start-up check")
+    try:
+        got = layer(x)
+    except (RuntimeError, NotImplementedError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise QuantizationError(
+            f"--quantization int8: PyTorch's int8 matmul fails on {device} ({first_line[:200]}); "
+            "use --quantization none"
+        ) from error
+    want = x @ layer.dequantized(torch.float32).T
+    error = float((got - want).abs().max() / want.abs().max())
+    if not error < 0.02:  # bfloat16 rounding gives < 0.01
+        raise QuantizationError(
+            f"--quantization int8: PyTorch's int8 matmul on {device} is off by {error:.3g} (relative) on a "
+            "test matrix; use --quantization none"
+        )
+
+
+def int8_megabytes(model: nn.Module) -> float:
+    """Bytes held by the int8 layers (weights and scales), in MB."""
+    return (
+        sum(
+            layer.weight.numel() + layer.scales.numel() * layer.scales.element_size()
+            for layer in model.modules()
+            if isinstance(layer, Int8Linear)
+        )
+        / 1e6
+    )
