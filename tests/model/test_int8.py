@@ -268,7 +268,7 @@ def test_batched_decoding_in_scattered_slots_equals_one_at_a_time(int8_model, re
 
 @torch.inference_mode()
 def test_the_static_decode_step_of_cuda_graphs_gives_the_plain_steps_logits(int8_model, reference):
-    """The step that CUDA graphs capture (bucketed batch, dummy rows for free slots), run eagerly:
+    """The step that CUDA graphs capture (bucketed batch and block table, dummy rows), run eagerly:
     the int8 layers must give each running sequence the logits of an ordinary decode step."""
     prompts = [case["prompt_ids"] for case in reference["cases"][:3]]
     slots = [0, 2, 5]
@@ -281,5 +281,7 @@ def test_the_static_decode_step_of_cuda_graphs_gives_the_plain_steps_logits(int8
     positions = [len(prompt) for prompt in prompts]
     step = ForwardBatch.build(caches[0], slots, torch.tensor(positions).unsqueeze(1))
     plain = int8_model.logits(int8_model(torch.tensor(tokens).unsqueeze(1), step)[:, -1])
-    static = StaticDecoder(int8_model, caches[1], capture=False).decode(slots, tokens, positions)
+    tables = [caches[1].slot_block_table(slot, position + 1) for slot, position in zip(slots, positions)]
+    decoder = StaticDecoder(int8_model, caches[1], len(slots), len(caches[1].slot_block_table(0, 64)), capture=False)
+    static = decoder.decode(tokens, positions, tables)
     torch.testing.assert_close(static, plain, rtol=1e-4, atol=1e-4)
