@@ -3,7 +3,7 @@ real servers (``python api.py`` on 127.0.0.1): an answer streams in, Stop cancel
 server, the API key is refused and then accepted, injected HTML stays text, UTF-8 split across
 network chunks renders whole, the page fits a phone, and no test leaves a console error.
 
-``WEBUI_SCREENSHOT=docs/webui.png python -m pytest tests/test_webui_browser.py -k screenshot``
+``WEBUI_SCREENSHOT=docs/webui.png python -m pytest tests/e2e/test_webui_browser.py -k screenshot``
 remakes the README's screenshot.
 """
 

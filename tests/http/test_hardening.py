@@ -29,7 +29,7 @@ import requests
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 API_KEY = "s3cret-key-0123456789"
 WRONG_KEY = "s3cret-key-0123456780"  # same length, last character differs

@@ -13,7 +13,7 @@ from pathlib import Path
 from bench.bandwidth import measure_bandwidth, roofline
 from bench.common import RequestResult, ServerProcess, aggregate, build_prompts, load_tokenizer, percentile
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_script(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
