@@ -132,9 +132,9 @@ class LiveServer:
         return self.process.returncode
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def start_server():
-    """Start extra servers with their own flags; all are stopped at the end of the session."""
+    """Start ``python api.py`` processes with their own flags; all are stopped at the end of the module."""
     servers: list[LiveServer] = []
 
     def start(

@@ -22,6 +22,8 @@ from openelm_server.listen import bind_socket
 from openelm_server.serving.app import create_app
 from openelm_server.startup import build_engine
 
+SERVER_LOGGER = logging.getLogger("openelm_server")
+
 
 class InProcessServer:
     def __init__(self, model_dir: Path, tokenizer_dir: Path, **settings):
@@ -86,6 +88,10 @@ class ServerThread:
     What api.py does around the app (signal handling, the start-up log, the 0.0.0.0 warning) is
     not here: tests/e2e starts the real process for those."""
 
+    # The servers' loggers log at their level while any of these servers runs.
+    _running: list[ServerThread] = []
+    _level_before = logging.NOTSET
+
     def __init__(self, model_dir: Path, tokenizer_dir: Path, *flags: str, env: dict | None = None):
         paths = ["--model-path", str(model_dir), "--tokenizer-path", str(tokenizer_dir), "--host", "127.0.0.1"]
         self.settings = load_settings([*paths, *flags], env or {})
@@ -99,9 +105,10 @@ class ServerThread:
         self._log = io.StringIO()
         self._handler = log_handler(self._log)
         logging.getLogger().addHandler(self._handler)
-        self._logger = logging.getLogger("openelm_server")
-        self._level = self._logger.level
-        self._logger.setLevel(self.settings.log_level.upper())
+        if not ServerThread._running:
+            ServerThread._level_before = SERVER_LOGGER.level
+        ServerThread._running.append(self)
+        SERVER_LOGGER.setLevel(self.settings.log_level.upper())
         self._server = uvicorn.Server(uvicorn_config(self.app, self.settings))
         self._thread = threading.Thread(
             target=self._server.run, kwargs={"sockets": [sock]}, name=f"uvicorn-{self.port}", daemon=True
@@ -128,7 +135,10 @@ class ServerThread:
         self._server.should_exit = True
         self._thread.join(timeout=30)
         logging.getLogger().removeHandler(self._handler)
-        self._logger.setLevel(self._level)
+        if self in ServerThread._running:
+            ServerThread._running.remove(self)
+            if not ServerThread._running:
+                SERVER_LOGGER.setLevel(ServerThread._level_before)
 
     def __enter__(self) -> ServerThread:
         return self
