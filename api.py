@@ -32,16 +32,37 @@ class UvicornLoggerName(logging.Filter):
         return True
 
 
-def configure_logging(level: str) -> None:
+def log_handler(stream) -> logging.Handler:
+    """The server's log lines: time, level, [request id], logger, message. (The in-process test
+    servers write theirs with it too.)"""
     from openelm_server.serving.middleware import RequestIdFilter
 
-    handler = logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(stream)
     handler.addFilter(RequestIdFilter())
     handler.addFilter(UvicornLoggerName())
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(request_id)s] %(name)s: %(message)s"))
+    return handler
+
+
+def configure_logging(level: str) -> None:
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [log_handler(sys.stdout)]
     root.setLevel(level.upper())
+
+
+def uvicorn_config(app, settings: Settings) -> uvicorn.Config:
+    # The event loop and HTTP parser that requirements.txt installs and the tests run, also where
+    # uvloop or httptools happen to be installed (Ray Serve brings both), which uvicorn would pick.
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=settings.shutdown_timeout,
+        loop="asyncio",
+        http="h11",
+    )
 
 
 class Server(uvicorn.Server):
@@ -94,19 +115,7 @@ def main(settings: Settings) -> int:
             settings.port,
         )
 
-    # The event loop and HTTP parser that requirements.txt installs and the tests run, also where
-    # uvloop or httptools happen to be installed (Ray Serve brings both), which uvicorn would pick.
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=settings.shutdown_timeout,
-        loop="asyncio",
-        http="h11",
-    )
-    Server(config, settings).run(sockets=[sock])
+    Server(uvicorn_config(app, settings), settings).run(sockets=[sock])
     return 0
 
 

@@ -1,4 +1,8 @@
-"""Shared fixtures: checkpoints, tokenizers, and live servers on 127.0.0.1.
+"""Shared fixtures: checkpoints, tokenizers, and servers on 127.0.0.1.
+
+Servers: ``app`` and ``server`` run in this process (tests/in_process.py), for HTTP behaviour;
+``start_server`` starts ``python api.py`` in a subprocess, for the tests where the process
+matters (tests/e2e: flags, start-up, signals, examples run as a user would).
 
 The shared fixtures beside the project (../shared/fixtures) are used when present; everything
 else is built here, so the suite runs on any clone: a tokenizer trained on the spot with
@@ -19,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from openai import OpenAI
 
 from openelm_server.testing.checkpoints import train_tokenizer, write_tiny_checkpoint
 
@@ -127,9 +132,9 @@ class LiveServer:
         return self.process.returncode
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def start_server():
-    """Start extra servers with their own flags; all are stopped at the end of the session."""
+    """Start ``python api.py`` processes with their own flags; all are stopped at the end of the module."""
     servers: list[LiveServer] = []
 
     def start(
@@ -145,10 +150,13 @@ def start_server():
 
 
 @pytest.fixture(scope="session")
-def server(start_server, serving_dirs) -> LiveServer:
-    """The default live server, shared by the tests that do not need special flags."""
-    model_dir, tokenizer_dir = serving_dirs
-    return start_server(model_dir, tokenizer_dir, "--max-batch-size", "8", "--max-model-len", "512")
+def server(serving_dirs):
+    """The default server on 127.0.0.1, in a thread of this process (tests/in_process.py), shared
+    by the tests that need real HTTP and no special flag."""
+    from in_process import ServerThread
+
+    with ServerThread(*serving_dirs, "--max-batch-size", "8", "--max-model-len", "512") as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +167,31 @@ def app(serving_dirs):
     server = InProcessServer(*serving_dirs)
     yield server
     server.close()
+
+
+# ---- what the HTTP tests call the served model with ------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def model_name(serving_dirs) -> str:
+    return serving_dirs[0].name
+
+
+@pytest.fixture(scope="session")
+def tokenizer(serving_dirs):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(serving_dirs[1]), use_fast=False)
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer(shared_tokenizer_dir):
+    """The real Llama-2 tokenizer (byte fallback for rare CJK characters and emoji)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(shared_tokenizer_dir), use_fast=False)
+
+
+@pytest.fixture(scope="session")
+def client(server) -> OpenAI:
+    return OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)

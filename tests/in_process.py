@@ -1,18 +1,28 @@
-"""The app in-process: create_app on a real engine with a tiny model, called through httpx's
-ASGI transport (no port, no subprocess) where a process adds nothing to the test."""
+"""The server in the test process, where a process adds nothing to the test: create_app on a
+real engine with a tiny model, either called through httpx's ASGI transport (InProcessServer: no
+port) or served by uvicorn in a thread on 127.0.0.1 (ServerThread: real HTTP for any client)."""
 
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import logging
+import threading
+import time
 from pathlib import Path
 
 import httpx
+import uvicorn
 from openai import AsyncOpenAI
 
-from openelm_server.config import Settings
+from api import log_handler, uvicorn_config
+from openelm_server.config import Settings, load_settings
+from openelm_server.listen import bind_socket
 from openelm_server.serving.app import create_app
 from openelm_server.startup import build_engine
+
+SERVER_LOGGER = logging.getLogger("openelm_server")
 
 
 class InProcessServer:
@@ -67,3 +77,71 @@ class InProcessServer:
                 return await call(client)
 
         return asyncio.run(run())
+
+
+class ServerThread:
+    """api.py's server, run by uvicorn in a thread of the test process on 127.0.0.1: real sockets,
+    so chunked bodies, clients that hang up, curl, the SDK and the browser behave as against
+    ``python api.py``, without a process to start and a model to load per test. Settings are
+    read from flags and an environment as api.py reads them.
+
+    What api.py does around the app (signal handling, the start-up log, the 0.0.0.0 warning) is
+    not here: tests/e2e starts the real process for those."""
+
+    # The servers' loggers log at their level while any of these servers runs.
+    _running: list[ServerThread] = []
+    _level_before = logging.NOTSET
+
+    def __init__(self, model_dir: Path, tokenizer_dir: Path, *flags: str, env: dict | None = None):
+        paths = ["--model-path", str(model_dir), "--tokenizer-path", str(tokenizer_dir), "--host", "127.0.0.1"]
+        self.settings = load_settings([*paths, *flags], env or {})
+        self.engine, self.tokenizer = build_engine(self.settings)
+        self.app = create_app(self.settings, self.engine, self.tokenizer)
+        sock = bind_socket("127.0.0.1", 0)
+        self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        # The process's log lines from now on, in api.py's format (other servers of the test
+        # process write here too: tests look for their own request ids and markers).
+        self._log = io.StringIO()
+        self._handler = log_handler(self._log)
+        logging.getLogger().addHandler(self._handler)
+        if not ServerThread._running:
+            ServerThread._level_before = SERVER_LOGGER.level
+        ServerThread._running.append(self)
+        SERVER_LOGGER.setLevel(self.settings.log_level.upper())
+        self._server = uvicorn.Server(uvicorn_config(self.app, self.settings))
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [sock]}, name=f"uvicorn-{self.port}", daemon=True
+        )
+        self._thread.start()
+        deadline = time.monotonic() + 60
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the server thread did not start:\n{self.log()}")
+            time.sleep(0.01)
+
+    def log(self) -> str:
+        self._handler.acquire()
+        try:
+            return self._log.getvalue()
+        finally:
+            self._handler.release()
+
+    def serving(self) -> bool:
+        return self._thread.is_alive() and not self._server.should_exit
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=30)
+        logging.getLogger().removeHandler(self._handler)
+        if self in ServerThread._running:
+            ServerThread._running.remove(self)
+            if not ServerThread._running:
+                SERVER_LOGGER.setLevel(ServerThread._level_before)
+
+    def __enter__(self) -> ServerThread:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

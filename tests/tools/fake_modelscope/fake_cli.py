@@ -1,4 +1,4 @@
-"""Offline stand-in for the ``modelscope`` CLI, used by tests/test_download.py.
+"""Offline stand-in for the ``modelscope`` CLI, used by tests/tools/test_download.py.
 
 It only implements ``modelscope download``. Instead of talking to the hub it
 "downloads" by creating small placeholder files, chosen from the real file

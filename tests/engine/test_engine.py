@@ -9,7 +9,6 @@ import threading
 import time
 
 import pytest
-import torch
 
 from openelm_server.engine.async_engine import Engine, QueueFullError
 from openelm_server.engine.config import EngineConfig
@@ -251,33 +250,6 @@ def test_penalties_change_greedy_output_and_stay_deterministic(own_engine):
     again = asyncio.run(run(own_engine, prompt, greedy(30, repetition_penalty=1.5)))
     assert penalized == again
     assert len(set(penalized[0])) >= len(set(plain[0]))
-
-
-def test_out_of_memory_fails_that_step_only(own_model_dir, own_tokenizer_dir, monkeypatch):
-    engine = make_engine(own_model_dir, own_tokenizer_dir, max_batch_size=2)
-    try:
-        original = engine.model.forward
-        failures = {"left": 1}
-
-        def forward_that_runs_out_once(*args, **kwargs):
-            if failures["left"]:
-                failures["left"] -= 1
-                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-            return original(*args, **kwargs)
-
-        monkeypatch.setattr(engine.model, "forward", forward_that_runs_out_once)
-
-        async def first():
-            async for event in engine.generate([1, 5, 6], greedy(5)):
-                return event
-
-        event = asyncio.run(first())
-        assert event.error is not None and event.error.retryable
-        assert engine.stats().kv_blocks_used == 0
-        tokens, _, finish = asyncio.run(run(engine, [1, 5, 6], greedy(5)))
-        assert len(tokens) == 5 and finish == "length"
-    finally:
-        engine.shutdown()
 
 
 def test_the_engine_thread_does_not_block_the_caller(own_engine):

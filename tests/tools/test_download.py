@@ -1,6 +1,6 @@
 """Tests for download.sh, run offline against a stand-in ``modelscope``.
 
-The stand-in (tests/fake_modelscope/fake_cli.py) is put first on PATH. It
+The stand-in (tests/tools/fake_modelscope/fake_cli.py) is put first on PATH. It
 logs every call and "downloads" placeholder files, choosing them from the
 real file lists of the two repositories with the selection rules of the real
 CLI (see its docstring), so these tests show what modelscope itself would
@@ -20,12 +20,12 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = REPO_ROOT / "download.sh"
 FAKE_DIR = Path(__file__).resolve().parent / "fake_modelscope"
 
 _write_bytecode = sys.dont_write_bytecode
-sys.dont_write_bytecode = True  # keep tests/fake_modelscope free of __pycache__
+sys.dont_write_bytecode = True  # keep tests/tools/fake_modelscope free of __pycache__
 from fake_modelscope import fake_cli  # noqa: E402
 
 sys.dont_write_bytecode = _write_bytecode

@@ -1,6 +1,6 @@
 """The server on Ray Serve: the application builder's arguments (no Ray started), and a real
 local Ray cluster with two replicas of the tiny model, run inside a network namespace that has
-nothing but ``lo`` (tests/ray_serve_driver.py does the operator's part; this file judges).
+nothing but ``lo`` (tests/e2e/ray_serve_driver.py does the operator's part; this file judges).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from ray.serve.schema import ServeDeploySchema
 
 from openelm_server.serving.ray_serve import BuildArgsError, build_app
 
-ROOT = Path(__file__).resolve().parents[1]
-DRIVER = ROOT / "tests" / "ray_serve_driver.py"
+ROOT = Path(__file__).resolve().parents[2]
+DRIVER = ROOT / "tests" / "e2e" / "ray_serve_driver.py"
 REQUIRED = {"model_path": "/models/m", "tokenizer_path": "/models/t"}
 
 

@@ -1,10 +1,10 @@
 """Runs the server on a local Ray cluster, as an operator would, and writes what it saw as JSON.
 
-Only ever run by tests/test_ray_serve.py inside a network namespace of its own that has
+Only ever run by tests/e2e/test_ray_serve.py inside a network namespace of its own that has
 nothing but ``lo``: Ray binds the machine's network interface unless it sees only loopback.
 The test asserts on the JSON; this script only acts and records.
 
-    python tests/ray_serve_driver.py MODEL_DIR TOKENIZER_DIR WORK_DIR
+    python tests/e2e/ray_serve_driver.py MODEL_DIR TOKENIZER_DIR WORK_DIR
 """
 
 from __future__ import annotations

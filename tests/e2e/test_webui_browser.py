@@ -1,9 +1,10 @@
 """The web page in a real headless Chromium (Debian's ``chromium``, driven by playwright) against
-real servers (``python api.py`` on 127.0.0.1): an answer streams in, Stop cancels it on the
-server, the API key is refused and then accepted, injected HTML stays text, UTF-8 split across
-network chunks renders whole, the page fits a phone, and no test leaves a console error.
+servers on 127.0.0.1 (uvicorn in a thread of the test process): an answer streams in, Stop
+cancels it on the server, the API key is refused and then accepted, injected HTML stays text,
+UTF-8 split across network chunks renders whole, the page fits a phone, and no test leaves a
+console error.
 
-``WEBUI_SCREENSHOT=docs/webui.png python -m pytest tests/test_webui_browser.py -k screenshot``
+``WEBUI_SCREENSHOT=docs/webui.png python -m pytest tests/e2e/test_webui_browser.py -k screenshot``
 remakes the README's screenshot.
 """
 
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from in_process import ServerThread
 
 sync_api = pytest.importorskip(
     "playwright.sync_api", reason="playwright is not installed (pip install -r requirements-test.txt)"
@@ -42,17 +44,18 @@ def chromium():
 
 
 @pytest.fixture(scope="module")
-def page_server(start_server, own_model_dir, own_tokenizer_dir):
+def page_server(own_model_dir, own_tokenizer_dir):
     """The self-made checkpoint never ends an answer early, so an answer asked for 1500 tokens
     is still streaming when the test presses Stop."""
-    return start_server(own_model_dir, own_tokenizer_dir, "--max-batch-size", "4", "--max-model-len", "2048")
+    with ServerThread(own_model_dir, own_tokenizer_dir, "--max-batch-size", "4", "--max-model-len", "2048") as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
-def key_server(start_server, own_model_dir, own_tokenizer_dir):
-    return start_server(
-        own_model_dir, own_tokenizer_dir, "--max-batch-size", "2", "--max-model-len", "512", "--api-key", API_KEY
-    )
+def key_server(own_model_dir, own_tokenizer_dir):
+    flags = ("--max-batch-size", "2", "--max-model-len", "512", "--api-key", API_KEY)
+    with ServerThread(own_model_dir, own_tokenizer_dir, *flags) as server:
+        yield server
 
 
 class Console:

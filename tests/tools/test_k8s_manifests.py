@@ -13,7 +13,7 @@ from openelm_server.config import load_settings
 from openelm_server.engine.core import EngineStats
 from openelm_server.serving.metrics import Metrics
 
-K8S = Path(__file__).resolve().parents[1] / "deploy" / "k8s"
+K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 # The oldest Kubernetes with preStop's sleep action on by default, and the newest the validator knows.
 KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")
 

@@ -30,7 +30,7 @@ def test_readme_has_the_examples_people_copy():
     assert any(lang == "python" and "from openai import OpenAI" in code for lang, code in EXAMPLES)
     assert "pip install -r requirements.txt" in README and "bash download.sh && python api.py" in README
     assert "python -m pytest -q" in README
-    # The CPU install and the demo (tests/test_startup.py runs it).
+    # The CPU install and the demo (tests/e2e/test_demo.py runs it).
     assert "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in README
     assert "python api.py --demo" in README
 

@@ -1,6 +1,6 @@
 """What real OpenAI and vLLM clients send beyond the basics: explicit nulls, top_p 0,
-logit_bias, ignore_eos, min_tokens, models.retrieve, HEAD /health, /tokenize, /detokenize,
-/version; and what stays unsupported gets a 400 that says so, never silently ignored."""
+logit_bias, ignore_eos, min_tokens, models.retrieve, HEAD /health; and what stays unsupported
+gets a 400 that says so, never silently ignored. (/tokenize and friends: test_tokenize_api.py.)"""
 
 from __future__ import annotations
 
@@ -201,42 +201,3 @@ def test_harmless_values_of_unsupported_fields_are_accepted(app, field, value):
 def test_best_of_equal_to_n_only(app):
     assert complete(app, n=2, best_of=2, temperature=1)["choices"][1]["index"] == 1
     assert_400(app.post("/v1/completions", {"prompt": PROMPT, "best_of": 3}), "best_of", "not supported")
-
-
-def test_tokenize_and_detokenize(app):
-    tokens = app.post("/tokenize", {"prompt": PROMPT}).json()
-    assert tokens["tokens"] == app.tokenizer(PROMPT).input_ids
-    assert tokens["count"] == len(tokens["tokens"]) and tokens["max_model_len"] == 512
-    assert tokens["token_strs"] is None
-    bare = app.post("/tokenize", {"prompt": PROMPT, "add_special_tokens": False, "return_token_strs": True}).json()
-    assert bare["tokens"] == tokens["tokens"][1:]
-    assert bare["token_strs"] == app.tokenizer.convert_ids_to_tokens(bare["tokens"])
-    assert app.post("/detokenize", {"tokens": tokens["tokens"]}).json() == {"prompt": PROMPT}
-
-
-def test_tokenize_messages_counts_what_chat_prefills(app):
-    tokens = app.post("/tokenize", {"messages": MESSAGES}).json()
-    chat = app.post("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 1}).json()
-    assert tokens["count"] == chat["usage"]["prompt_tokens"]
-
-
-@pytest.mark.parametrize(
-    "path, body, param",
-    [
-        ("/tokenize", {}, "prompt"),
-        ("/tokenize", {"prompt": "a", "messages": MESSAGES}, "prompt"),
-        ("/tokenize", {"messages": MESSAGES, "add_generation_prompt": False}, "add_generation_prompt"),
-        ("/tokenize", {"prompt": "a", "model": "gpt-4o"}, "model"),
-        ("/detokenize", {"tokens": [1, 10**9]}, "tokens.1"),
-        ("/detokenize", {"tokens": "abc"}, "tokens"),
-    ],
-)
-def test_bad_tokenize_requests(app, path, body, param):
-    response = app.post(path, body)
-    assert response.status_code in (400, 404), response.text
-    assert response.json()["error"]["param"] == param
-
-
-def test_version(app):
-    response = app.request("GET", "/version")
-    assert response.status_code == 200 and isinstance(response.json()["version"], str)

@@ -1,6 +1,6 @@
 """lm-eval against the live server, end to end, as people measure a model through a server:
 ``local-completions`` with the Llama-2 tokenizer (so prompts travel as token ids) on three tiny
-local tasks (tests/lm_eval_tasks: loglikelihood, multiple choice, generate_until; no download).
+local tasks (tests/e2e/lm_eval_tasks: loglikelihood, multiple choice, generate_until; no download).
 
 The scores of a random-weight model mean nothing; what is checked is that lm-eval runs every
 kind of request through the server and that what it recorded is what the server computes.
@@ -17,7 +17,7 @@ import pytest
 import requests
 from conftest import ROOT
 
-TASKS_DIR = ROOT / "tests" / "lm_eval_tasks"
+TASKS_DIR = ROOT / "tests" / "e2e" / "lm_eval_tasks"
 TASKS = ["tiny_loglikelihood", "tiny_multiple_choice", "tiny_generate"]
 MAX_LENGTH = 512
 

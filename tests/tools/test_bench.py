@@ -14,7 +14,7 @@ from bench.bandwidth import measure_bandwidth, roofline
 from bench.common import RequestResult, aggregate, build_prompts, load_tokenizer, percentile
 from openelm_server.testing.server import ServerProcess, free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_script(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:

@@ -14,7 +14,7 @@ from bench.make_checkpoint import build_config
 from bench.peers.llama_cpp import published_layout
 from openelm_server.model.config import OpenELMConfig, make_divisible
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("size", ["270M", "3B"])
