@@ -46,17 +46,17 @@ OOM_SITECUSTOMIZE = textwrap.dedent("""
     import os
     if os.environ.get("OPENELM_TEST_OOM_SEED"):
         import torch
-        from openelm_server.engine import async_engine as _engine
+        from openelm_server.engine import runner as _runner
 
         _magic = int(os.environ["OPENELM_TEST_OOM_SEED"])
-        _original_prefill = _engine.Engine._prefill
+        _original_run = _runner.ModelRunner.run
 
-        def _prefill(self, sequences):
-            if any(s.params.seed == _magic for s in sequences):
+        def _run(self, scheduled, wanted):
+            if any(s.request.params.seed == _magic and s.start == 0 for s in scheduled):
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected by the tests)")
-            return _original_prefill(self, sequences)
+            return _original_run(self, scheduled, wanted)
 
-        _engine.Engine._prefill = _prefill
+        _runner.ModelRunner.run = _run
 """)
 
 
