@@ -70,11 +70,10 @@ class ModelRunner:
         )
         hidden = self.model(torch.tensor(tokens, device=self.device), batch)
         rows = [offsets[i] + offset for i in range(len(scheduled)) for offset in wanted[i]]
-        if not rows:
-            return [hidden[:0]] * len(scheduled)
+        if not rows:  # prompt chunks that end before their prompt does: no logits wanted
+            return [hidden.new_empty(0, 0)] * len(scheduled)
         logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)])
-        split = list(logits.split([len(w) for w in wanted]))
-        return split
+        return list(logits.split([len(w) for w in wanted]))
 
     def _group(self, start: int, rows: list[ScheduledRequest], positions: torch.Tensor) -> AttentionGroup:
         width = max(-(-(s.start + s.num_tokens) // self.kv_cache.block_size) for s in rows)

@@ -47,7 +47,7 @@ def test_auto_device_and_dtype_on_this_machine(servers):
         assert "device auto: CUDA" in log and "bfloat16" in log
     else:
         assert "device auto: no CUDA GPU found, using the CPU" in log and "in float32" in log
-    assert "KV cache: 2 slots" in log
+    assert "KV cache: 4096 tokens" in log  # 2 x the context of 2048
 
 
 def test_warning_when_listening_on_all_interfaces_without_a_key(servers):
