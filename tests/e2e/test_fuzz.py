@@ -113,23 +113,22 @@ def with_prompt_literal(path: str, literal: str) -> bytes:
     return f'{{"prompt":{literal},"{tokens}":4}}'.encode()
 
 
-def sized(path: str, size: int, field: str) -> bytes:
-    """A body of exactly ``size`` bytes, padded in ``field`` (the prompt, or an ignored field)."""
+def sized(path: str, size: int, field: str | None) -> bytes:
+    """A body of exactly ``size`` bytes, padded in ``field`` (the prompt) or, with no field, with
+    whitespace after the JSON object (every field the server does not know is refused)."""
     body = valid(path)
-    if field == "prompt":
-        if path == "/v1/chat/completions":
-            body["messages"][0]["content"] = ""
-        else:
-            body["prompt"] = ""
+    if field is None:
+        data = raw(body)
+        return data + b" " * (size - len(data))
+    if path == "/v1/chat/completions":
+        body["messages"][0]["content"] = ""
     else:
-        body[field] = ""
+        body["prompt"] = ""
     pad = size - len(raw(body))
-    if field == "prompt" and path == "/v1/chat/completions":
+    if path == "/v1/chat/completions":
         body["messages"][0]["content"] = "a" * pad
-    elif field == "prompt":
-        body["prompt"] = "a" * pad
     else:
-        body[field] = "a" * pad
+        body["prompt"] = "a" * pad
     data = raw(body)
     assert len(data) == size
     return data
@@ -224,8 +223,8 @@ def cases_for(path: str) -> list[tuple[str, bytes, set[int]]]:
         ],
         # Sizes: just under and just over the body limit.
         ("body at the limit, huge prompt", sized(path, BODY_LIMIT, "prompt"), BAD),
-        ("body at the limit, huge ignored field", sized(path, BODY_LIMIT, "user"), OK),
-        ("body one byte over the limit", sized(path, BODY_LIMIT + 1, "user"), {413}),
+        ("body at the limit, padded with whitespace", sized(path, BODY_LIMIT, None), OK),
+        ("body one byte over the limit", sized(path, BODY_LIMIT + 1, None), {413}),
         ("body 2 MB", b'{"prompt": "' + b"a" * 2_000_000 + b'"}', {413}),
         # Deep nesting.
         ("100k [", b"[" * 100_000, BAD),

@@ -27,18 +27,20 @@ OOM_SEED = 4_242_424_242  # requests with this seed hit an injected OutOfMemoryE
 
 @pytest.fixture(scope="module")
 def failing_server(serving_dirs):
-    """A one-second request timeout; prefill steps of requests seeded OOM_SEED raise
+    """A one-second request timeout; steps that read the prompt of a request seeded OOM_SEED raise
     torch.OutOfMemoryError, as a CUDA OOM would."""
     flags = ("--request-timeout", "1", "--max-batch-size", "4", "--max-model-len", "2048")
     with ServerThread(*serving_dirs, *flags) as server:
-        prefill = server.engine._prefill
+        runner = server.engine.core.runner
+        run = runner.run
 
-        def prefill_out_of_memory(sequences):
-            if any(s.params.seed == OOM_SEED for s in sequences):
+        def run_out_of_memory_in_prefill(scheduled, wanted):
+            # Any step that reads its prompt: with prefix caching, the prompt may start past 0.
+            if any(s.request.params.seed == OOM_SEED and s.start < len(s.request.prompt_ids) for s in scheduled):
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected by the tests)")
-            return prefill(sequences)
+            return run(scheduled, wanted)
 
-        server.engine._prefill = prefill_out_of_memory
+        runner.run = run_out_of_memory_in_prefill
         yield server
 
 
