@@ -144,7 +144,9 @@ def test_an_answer_streams_in_with_its_numbers(open_page, page_server):
     send(page, "And then?")  # the history goes along: a second answer under the first
     wait_answered(page)
     expect(page.get_by_test_id("answer")).to_have_count(2)
-    expect(page.get_by_test_id("server-state")).to_contain_text("running 0 · waiting 0 · KV cache 0/512 blocks", timeout=WAIT_MS)
+    expect(page.get_by_test_id("server-state")).to_contain_text(
+        "running 0 · waiting 0 · KV cache 0/512 blocks", timeout=WAIT_MS
+    )
 
 
 def test_stop_cancels_the_answer_on_the_server(open_page, page_server):
