@@ -12,20 +12,13 @@ same pieces as ``python api.py --demo`` (openelm_server/demo.py).
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-import requests
 from openai import OpenAI
 
 from openelm_server.testing.checkpoints import train_tokenizer, write_tiny_checkpoint
+from openelm_server.testing.server import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_FIXTURES = ROOT.parent / "shared" / "fixtures"
@@ -75,74 +68,18 @@ def serving_dirs(own_model_dir, own_tokenizer_dir) -> tuple[Path, Path]:
     return own_model_dir, own_tokenizer_dir
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class LiveServer:
-    """``python api.py`` in a subprocess on 127.0.0.1, as a user would start it."""
-
-    def __init__(self, model_dir: Path | None, tokenizer_dir: Path | None, *flags: str, env: dict | None = None):
-        """No directories: the server's own (the defaults, or --demo's)."""
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"openelm-server-{self.port}.log"
-        paths = [] if model_dir is None else ["--model-path", str(model_dir), "--tokenizer-path", str(tokenizer_dir)]
-        command = [
-            sys.executable,
-            str(ROOT / "api.py"),
-            *paths,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            *flags,
-        ]
-        self.log_file = open(self.log_path, "w+")
-        self.process = subprocess.Popen(
-            command, cwd=ROOT, stdout=self.log_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
-        )
-
-    def wait_ready(self, timeout: float = 90.0) -> LiveServer:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(self.url + "/health", timeout=1).status_code == 200:
-                    return self
-            time.sleep(0.2)
-        raise RuntimeError(f"server did not become ready:\n{self.log()}")
-
-    def log(self) -> str:
-        self.log_file.flush()
-        return self.log_path.read_text()
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log_file.close()
-        return self.process.returncode
-
-
 @pytest.fixture(scope="module")
 def start_server():
     """Start ``python api.py`` processes with their own flags; all are stopped at the end of the module."""
-    servers: list[LiveServer] = []
+    servers: list[ServerProcess] = []
 
     def start(
         model_dir: Path | None, tokenizer_dir: Path | None, *flags: str, env: dict | None = None, wait: bool = True
-    ) -> LiveServer:
-        server = LiveServer(model_dir, tokenizer_dir, *flags, env=env)
+    ) -> ServerProcess:
+        server = ServerProcess.openelm(model_dir, tokenizer_dir, flags, env=env)
         servers.append(server)
-        return server.wait_ready() if wait else server
+        # Generous: on a loaded machine the start-up kernel timing alone can take a minute.
+        return server.wait_ready(timeout=180) if wait else server
 
     yield start
     for server in servers:

@@ -8,7 +8,9 @@ import subprocess
 import sys
 
 import requests
-from conftest import ROOT, free_port
+from conftest import ROOT
+
+from openelm_server.testing.server import free_port
 
 
 def run_api(*args, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:

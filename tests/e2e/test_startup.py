@@ -9,7 +9,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, free_port
+from conftest import ROOT
+
+from openelm_server.testing.server import free_port
 
 LOADING = "loading OpenELM from"
 
