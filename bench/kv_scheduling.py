@@ -26,7 +26,8 @@ import time
 
 import httpx
 
-from bench.common import ServerProcess, machine_info, model_info
+from bench.common import machine_info, model_info
+from openelm_server.testing.server import ServerProcess
 
 LONG_PROMPT = 1500
 

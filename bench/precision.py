@@ -21,7 +21,6 @@ import sys
 from pathlib import Path
 
 from bench.common import (
-    ServerProcess,
     build_prompts,
     git_revision,
     load_tokenizer,
@@ -33,6 +32,7 @@ from bench.common import (
     write_json,
 )
 from bench.serve_bench import run_one, warm_up
+from openelm_server.testing.server import ServerProcess
 
 PRECISIONS = {
     "float32": ["--dtype", "float32"],
