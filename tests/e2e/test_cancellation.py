@@ -2,9 +2,7 @@
 gives up on stop generating within a step or two, queued ones included.
 
 Against ``python api.py``: these tests time how soon the engine stops, and in the test process
-its thread would share the interpreter with the client that measures it. (There, about one
-non-streamed request in seven went on generating after the gateway had logged the disconnect
-and cancelled its stream: a race to find on the engine's side.)"""
+its thread would share the interpreter with the client that measures it."""
 
 from __future__ import annotations
 
