@@ -49,7 +49,12 @@ ROOT = Path(__file__).resolve().parents[2]
 LLAMA_CPP_PYTHON = "0.3.36"
 DEFAULT_CACHE = Path.home() / ".cache" / "openelm-server" / "peers"
 SHARED_MODEL = ROOT.parent / "shared" / "fixtures" / "openelm-tiny"
-OUR_DTYPE = {"f32": "float32", "bf16": "bfloat16", "q8_0": None}
+# Ours at the matching precision: the checkpoint's dtype and the flags that serve it.
+OURS = {
+    "f32": ("float32", []),
+    "bf16": ("bfloat16", []),
+    "q8_0": ("float32", ["--quantization", "int8"]),
+}
 
 
 def log(message: str) -> None:
@@ -259,7 +264,7 @@ def compare(args: argparse.Namespace) -> int:
     }
     checkpoints = {}
     for outtype in parse_list(args.outtypes, str):
-        dtype = OUR_DTYPE[outtype] or "float32"
+        dtype, precision_flags = OURS[outtype]
         checkpoints.setdefault(
             dtype, ensure_checkpoint(args.out_dir / "checkpoints" / f"openelm-{args.size}-{dtype}", args.size, dtype)
         )
@@ -282,14 +287,12 @@ def compare(args: argparse.Namespace) -> int:
                 log=log,
             ):
                 results["runs"].append({"server": "llama.cpp", "precision": outtype, **run})
-        our_dtype = OUR_DTYPE[outtype]
-        if our_dtype is None:
-            continue
         flags = [
             "--device",
             "cpu",
             "--dtype",
-            our_dtype,
+            dtype,
+            *precision_flags,
             "--max-batch-size",
             str(max(concurrencies)),
             "--max-model-len",
@@ -311,10 +314,10 @@ def compare(args: argparse.Namespace) -> int:
                 args.seed,
                 progress=not args.no_progress,
                 server=ours,
-                label=f"ours {our_dtype}",
+                label=f"ours {' '.join([dtype, *precision_flags[1:]])}",
                 log=log,
             ):
-                results["runs"].append({"server": "ours", "precision": our_dtype, **run})
+                results["runs"].append({"server": "ours", "precision": "int8" if precision_flags else dtype, **run})
     path = write_json(args.out_dir / f"{stem}.json", results)
     table = markdown(results)
     (args.out_dir / f"{stem}.md").write_text(table)
@@ -344,7 +347,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="llama-server threads")
     parser.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER), help="Llama-2 tokenizer directory")
     parser.add_argument("--size", default="270M", choices=("270M", "450M", "1_1B", "3B"))
-    parser.add_argument("--outtypes", default="f32,bf16,q8_0", help="llama.cpp precisions; ours runs f32 and bf16")
+    parser.add_argument(
+        "--outtypes",
+        default="f32,bf16,q8_0",
+        help="llama.cpp precisions; ours runs the matching one (q8_0: --quantization int8)",
+    )
     parser.add_argument("--concurrency", default="1,16")
     parser.add_argument("--num-requests", default="8,48")
     parser.add_argument("--input-len", default="16:64")
