@@ -241,6 +241,27 @@ def check(args: argparse.Namespace) -> int:
     return 0 if exact == len(cases) else 1
 
 
+def measure(
+    server: ServerProcess, name: str, precision: str, prompts, concurrencies, counts, args: argparse.Namespace
+) -> list[dict]:
+    """One server's runs at each concurrency, after it is ready and warm."""
+    server.wait_ready()
+    serve_bench.warm_up(server.url)
+    runs = serve_bench.sweep(
+        server.url,
+        prompts,
+        concurrencies,
+        None,
+        counts,
+        args.seed,
+        progress=not args.no_progress,
+        server=server,
+        label=f"{name} {precision}",
+        log=log,
+    )
+    return [{"server": name, "precision": precision, **run} for run in runs]
+
+
 def compare(args: argparse.Namespace) -> int:
     from bench.run_all import ensure_checkpoint
 
@@ -272,21 +293,7 @@ def compare(args: argparse.Namespace) -> int:
         with start_llama_server(
             server_binary, gguf, max(concurrencies), context, args.threads, args.out_dir / f"{stem}-llama-{outtype}.log"
         ) as peer:
-            peer.wait_ready()
-            serve_bench.warm_up(peer.url)
-            for run in serve_bench.sweep(
-                peer.url,
-                prompts,
-                concurrencies,
-                None,
-                counts,
-                args.seed,
-                progress=not args.no_progress,
-                server=peer,
-                label=f"llama.cpp {outtype}",
-                log=log,
-            ):
-                results["runs"].append({"server": "llama.cpp", "precision": outtype, **run})
+            results["runs"] += measure(peer, "llama.cpp", outtype, prompts, concurrencies, counts, args)
         flags = [
             "--device",
             "cpu",
@@ -303,21 +310,8 @@ def compare(args: argparse.Namespace) -> int:
             checkpoints[dtype], args.tokenizer, flags, args.out_dir / f"{stem}-ours-{outtype}.log"
         )
         with ours:
-            ours.wait_ready()
-            serve_bench.warm_up(ours.url)
-            for run in serve_bench.sweep(
-                ours.url,
-                prompts,
-                concurrencies,
-                None,
-                counts,
-                args.seed,
-                progress=not args.no_progress,
-                server=ours,
-                label=f"ours {' '.join([dtype, *precision_flags[1:]])}",
-                log=log,
-            ):
-                results["runs"].append({"server": "ours", "precision": "int8" if precision_flags else dtype, **run})
+            precision = "int8" if precision_flags else dtype
+            results["runs"] += measure(ours, "ours", precision, prompts, concurrencies, counts, args)
     path = write_json(args.out_dir / f"{stem}.json", results)
     table = markdown(results)
     (args.out_dir / f"{stem}.md").write_text(table)
