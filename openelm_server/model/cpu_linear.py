@@ -21,16 +21,22 @@ log = logging.getLogger(__name__)
 
 
 class OneDnnLinear(nn.Module):
-    """``y = x @ weight.T`` with the weight held as a oneDNN tensor; input and output are plain."""
+    """``y = x @ weight.T`` with the weight held as a oneDNN tensor; input and output are plain.
+
+    The op is the one PyTorch's compiler uses for frozen linears: it takes and returns plain
+    tensors, where converting every input to oneDNN's layout and the output back cost 5 ms of
+    a 70 ms decode step (65 linears of OpenELM-270M). The weight is packed without a batch-size
+    hint: packing for one row was 10% faster for a single stream and 40-60% slower from two rows on.
+    """
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
         self.out_features = weight.shape[0]
-        self.weight = weight.detach().contiguous().to_mkldnn()
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1]).contiguous().to_mkldnn()
-        out = torch._C._nn.mkldnn_linear(rows, self.weight, None).to_dense()
+        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        out = torch.ops.mkldnn._linear_pointwise(rows, self.weight, None, "none", [], "")
         return out.view(*x.shape[:-1], self.out_features)
 
 
