@@ -69,14 +69,17 @@ def serving_dirs(own_model_dir, own_tokenizer_dir) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def start_server():
-    """Start ``python api.py`` processes with their own flags; all are stopped at the end of the module."""
+def start_server(tmp_path_factory):
+    """Start ``python api.py`` processes with their own flags; all are stopped at the end of the module.
+    Their logs go to pytest's temporary directories, which pytest prunes."""
     servers: list[ServerProcess] = []
+    logs = tmp_path_factory.mktemp("server-logs")
 
     def start(
         model_dir: Path | None, tokenizer_dir: Path | None, *flags: str, env: dict | None = None, wait: bool = True
     ) -> ServerProcess:
-        server = ServerProcess.openelm(model_dir, tokenizer_dir, flags, env=env)
+        log_path = logs / f"server-{len(servers)}.log"
+        server = ServerProcess.openelm(model_dir, tokenizer_dir, flags, log_path=log_path, env=env)
         servers.append(server)
         # Generous: on a loaded machine the start-up kernel timing alone can take a minute.
         return server.wait_ready(timeout=180) if wait else server
