@@ -214,12 +214,13 @@ async def one_request(client: httpx.AsyncClient, kind: str, rng: random.Random, 
                     return result("disconnect", True, ttft=ttft)  # leaving the block closes the connection
             whole = "".join(text)
             if path != "/":
-                if '"error"' in whole or not whole.rstrip().endswith("data: [DONE]"):
+                # Events are parsed: a random-weight model's text may well contain the word "error".
+                events = [json.loads(line[6:]) for line in whole.splitlines() if line.startswith("data: {")]
+                if any("error" in event for event in events) or not whole.rstrip().endswith("data: [DONE]"):
                     return result("stream-error", False, ttft=ttft, detail=whole[-200:])
-                for line in whole.splitlines():
-                    if line.startswith("data: {") and '"usage"' in line:
-                        usage = json.loads(line[6:]).get("usage") or {}
-                        tokens = usage.get("completion_tokens", 0)
+                for event in events:
+                    if event.get("usage"):
+                        tokens = event["usage"].get("completion_tokens", 0)
             return result("200", True, ttft=ttft, completion_tokens=tokens)
     except httpx.ReadTimeout:
         if read_timeout:
