@@ -127,7 +127,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         log.info(
             "KV cache: %d tokens (%d blocks of %d), %.1f MiB on %s; up to %d requests at once, "
-            "%d tokens per step; prefix caching %s; decode %s",
+            "%d tokens per step; prefix caching %s; decode %s; speculative decoding %s",
             (self.core.kv_cache.num_blocks - 1) * BLOCK_SIZE,
             self.core.kv_cache.num_blocks - 1,
             BLOCK_SIZE,
@@ -137,6 +137,7 @@ class Engine:
             self.core.scheduler.max_num_batched_tokens,
             "on" if config.prefix_caching else "off",
             "with CUDA graphs" if self.core.runner.static_decoder is not None else "eager",
+            "off" if config.speculative == "none" else f"{config.speculative}, {config.num_speculative_tokens} tokens",
         )
 
     # ---- called from any thread -------------------------------------------------------
