@@ -7,6 +7,7 @@ on the command line wins over the environment, which wins over the default.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Sequence
@@ -42,6 +43,7 @@ class Settings:
     prefix_caching: bool = EngineConfig.prefix_caching
     speculative: str = EngineConfig.speculative
     num_speculative_tokens: int = EngineConfig.num_speculative_tokens
+    draft_model_path: str | None = None
     gpu_memory_utilization: float | None = None
     max_tokens_limit: int = 2048
     max_prompt_tokens: int | None = None
@@ -188,8 +190,16 @@ _OPTIONS: list[tuple[str, str, object, str]] = [
         "--speculative",
         "SPECULATIVE",
         str,
-        "none | ngram; ngram: speculative decoding of greedy requests (temperature 0) with proposals "
-        "looked up in the prompt and answer so far (prompt lookup); answers stay the same",
+        "none | ngram | draft: speculative decoding of greedy requests (temperature 0), answers unchanged; "
+        "ngram proposes the tokens that followed the last few ones earlier in the prompt and answer "
+        "(prompt lookup), draft a smaller model's (--draft-model-path)",
+    ),
+    (
+        "--draft-model-path",
+        "DRAFT_MODEL_PATH",
+        str,
+        "OpenELM model directory of the draft model for --speculative draft (implies it); it must share the "
+        "model's tokenizer, e.g. OpenELM-270M-Instruct for the 3B (DRAFT=1 bash download.sh fetches it)",
     ),
     (
         "--num-speculative-tokens",
@@ -347,7 +357,13 @@ def load_settings(argv: Sequence[str] | None = None, environ: dict[str, str] | N
             f"--quantization {settings.quantization} every linear layer is {settings.quantization}: drop one of them"
         )
     if settings.speculative not in SPECULATIVE_METHODS:
-        parser.error(f"--speculative must be {' or '.join(SPECULATIVE_METHODS)}, got {settings.speculative!r}")
+        parser.error(f"--speculative must be none, ngram or draft, got {settings.speculative!r}")
+    if settings.draft_model_path is not None and settings.speculative == "none":
+        settings = dataclasses.replace(settings, speculative="draft")
+    if settings.speculative == "draft" and settings.draft_model_path is None:
+        parser.error("--speculative draft needs the draft model's directory: pass --draft-model-path")
+    if settings.speculative == "ngram" and settings.draft_model_path is not None:
+        parser.error("--draft-model-path is for --speculative draft, not ngram: drop one of them")
     if settings.log_level not in ("debug", "info", "warning", "error"):
         parser.error(f"--log-level must be debug, info, warning or error, got {settings.log_level!r}")
     if settings.demo and (

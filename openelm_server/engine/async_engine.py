@@ -100,7 +100,7 @@ class RequestStream:
 
 
 class Engine:
-    def __init__(self, model: OpenELM, tokenizer, config: EngineConfig):
+    def __init__(self, model: OpenELM, tokenizer, config: EngineConfig, draft: OpenELM | None = None):
         if config.max_model_len > model.config.max_context_length:
             raise ValueError(
                 f"max_model_len {config.max_model_len} exceeds the model's context of {model.config.max_context_length}"
@@ -115,7 +115,7 @@ class Engine:
         self.config = config
         self.eos_token_id = model.config.eos_token_id
         self.device = model.transformer.token_embeddings.weight.device
-        self.core = EngineCore(model, config, self.device)
+        self.core = EngineCore(model, config, self.device, draft)
         self.grammars = Grammars(tokenizer, model.config.vocab_size)
         self._inbox: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}

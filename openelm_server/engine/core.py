@@ -5,19 +5,20 @@ The caller (async_engine.py) adds and finishes requests between steps and turns 
 naming its requests, which are left as they were (their blocks still held) for the caller to
 finish.
 
-Speculative decoding (``speculative="ngram"``): a decoding request that is greedy (temperature
-0) gets up to ``num_speculative_tokens`` proposed tokens, computed with its last token in one
-step; the logits at each of those positions are sampled exactly as a plain step would sample
-them (penalties and min_tokens applied to the answer as it would be by then), the proposals are
-kept while they equal what the model picks, and the model's own pick follows the last kept one:
-each step adds 1 to K + 1 tokens, the very tokens a step-by-step decode would add, stopping
-where it would stop (EOS, max_new_tokens). Sampled requests, requests asking for logprobs or
-prompt logprobs, and structured answers (whose grammar advances token by token) never
-speculate: their steps are as without it.
+Speculative decoding (``speculative="ngram"`` or ``"draft"``, see speculative.py): a decoding
+request that is greedy (temperature 0) gets up to ``num_speculative_tokens`` proposed tokens,
+computed with its last token in one step; the logits at each of those positions are sampled
+exactly as a plain step would sample them (penalties and min_tokens applied to the answer as it
+would be by then), the proposals are kept while they equal what the model picks, and the
+model's own pick follows the last kept one: each step adds 1 to K + 1 tokens, the very tokens a
+step-by-step decode would add, stopping where it would stop (EOS, max_new_tokens). Sampled
+requests, requests asking for logprobs or prompt logprobs, and structured answers (whose
+grammar advances token by token) never speculate: their steps are as without it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from openelm_server.engine.request import FinishReason, Request
 from openelm_server.engine.runner import ModelRunner
 from openelm_server.engine.sampling import SamplingRow, sample
 from openelm_server.engine.scheduler import ScheduledRequest, Scheduler
-from openelm_server.engine.speculative import propose_ngram
+from openelm_server.engine.speculative import DraftProposer, propose_ngram
 from openelm_server.model.kv_cache import BLOCK_SIZE
 from openelm_server.model.openelm import OpenELM
 
@@ -62,7 +63,14 @@ class EngineStats:
 
 
 class EngineCore:
-    def __init__(self, model: OpenELM, config: EngineConfig, device: torch.device):
+    def __init__(self, model: OpenELM, config: EngineConfig, device: torch.device, draft: OpenELM | None = None):
+        if (config.speculative == "draft") != (draft is not None):
+            raise ValueError("speculative='draft' needs a draft model, and a draft model needs speculative='draft'")
+        if draft is not None and draft.config.vocab_size != model.config.vocab_size:
+            raise ValueError(
+                f"the draft model's vocabulary has {draft.config.vocab_size} tokens, the model's "
+                f"{model.config.vocab_size}: a draft must share the model's tokenizer"
+            )
         self.model = model
         self.config = config
         self.eos_token_id = model.config.eos_token_id
@@ -79,6 +87,7 @@ class EngineCore:
             with torch.inference_mode():
                 static_decoder.capture_all()
         self.runner = ModelRunner(model, self.kv_cache, static_decoder)
+        self.draft_proposer = None if draft is None else DraftProposer(draft, num_blocks)
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
 
@@ -117,9 +126,11 @@ class EngineCore:
         scheduled = self.scheduler.schedule(self._drafts())
         if not scheduled:
             return []
-        wanted = [self._logit_offsets(s) for s in scheduled]
         try:
             with torch.inference_mode():
+                if self.draft_proposer is not None:
+                    scheduled = self._with_draft_proposals(scheduled)
+                wanted = [self._logit_offsets(s) for s in scheduled]
                 logits = self.runner.run(scheduled, wanted)
                 return self._update(scheduled, logits)
         except Exception as error:
@@ -135,10 +146,18 @@ class EngineCore:
             if request.num_tokens - request.num_computed_tokens != 1 or not self._speculates(request):
                 continue
             room = min(self.config.num_speculative_tokens, request.params.max_new_tokens - len(request.output_ids) - 1)
-            draft = propose_ngram(request.token_ids, room)
+            # The draft model proposes once the step's blocks are there: room is held for it.
+            draft = [0] * max(room, 0) if self.draft_proposer is not None else propose_ngram(request.token_ids, room)
             if draft:
                 drafts[request] = draft
         return drafts
+
+    def _with_draft_proposals(self, scheduled: list[ScheduledRequest]) -> list[ScheduledRequest]:
+        speculating = [s for s in scheduled if s.draft_ids]
+        if not speculating:
+            return scheduled
+        proposals = iter(self.draft_proposer.propose(speculating))
+        return [dataclasses.replace(s, draft_ids=tuple(next(proposals))) if s.draft_ids else s for s in scheduled]
 
     @staticmethod
     def _speculates(request: Request) -> bool:

@@ -52,6 +52,8 @@ class Request:
     # Speculative decoding: tokens proposed for this request, and of them the ones confirmed.
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
+    # Of token_ids, how many have their keys and values in the draft model's cache (--speculative draft).
+    num_draft_computed_tokens: int = 0
 
     @property
     def token_ids(self) -> list[int]:

@@ -190,6 +190,7 @@ class Scheduler:
         the model did not confirm) hold keys and values that must never be read: they are
         computed again. The full blocks of the others join the prefix cache."""
         request.num_computed_tokens = scheduled.start + scheduled.num_tokens - num_rejected
+        request.num_draft_computed_tokens = min(request.num_draft_computed_tokens, request.num_computed_tokens)
         block_size = self.block_manager.block_size
         if scheduled.start // block_size != request.num_computed_tokens // block_size:
             self.block_manager.cache_full_blocks(request.token_ids, request.block_ids, request.num_computed_tokens)
@@ -198,3 +199,4 @@ class Scheduler:
         self.block_manager.release(request.block_ids)
         request.block_ids = []
         request.num_computed_tokens = 0
+        request.num_draft_computed_tokens = 0

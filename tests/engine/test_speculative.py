@@ -1,5 +1,8 @@
 """Speculative decoding: proposed tokens verified by the model in one step, answers unchanged.
 
+With a draft model, the model drafting for itself proposes what it then picks: every proposal
+must be accepted.
+
 Besides the n-gram proposer itself, the engine runs here with proposers that are always right
 (the answer computed without speculation, as a perfect draft model would propose it) and always
 wrong: every proposal must be accepted by the first and none by the second, and the answers must
@@ -14,8 +17,12 @@ import pytest
 from engine_helpers import assert_no_blocks_held, greedy, make_engine, reference, run_one_by_one, run_together
 
 from openelm_server.engine import core
+from openelm_server.engine.async_engine import Engine
+from openelm_server.engine.config import EngineConfig
 from openelm_server.engine.sampling import SamplingParams
 from openelm_server.engine.speculative import propose_ngram
+from openelm_server.model.loader import load_openelm
+from openelm_server.tokenizer import load_tokenizer
 
 # Repeating patterns: once the answer repeats them, the n-gram proposals come true.
 REPETITIVE_PROMPTS = [
@@ -284,3 +291,92 @@ def test_speculation_counters_over_http(shared_model_dir, shared_tokenizer_dir, 
         assert f"speculative decoding: {accepted:.0f} of {proposed:.0f} proposed tokens accepted" in caplog.text
     finally:
         server.close()
+
+
+def self_drafting_engine(model_dir, tokenizer_dir, **config) -> Engine:
+    engine = Engine(
+        load_openelm(model_dir, show_progress=False),
+        load_tokenizer(tokenizer_dir),
+        EngineConfig(**{"max_model_len": 256, "max_batch_size": 8, "speculative": "draft", **config}),
+        draft=load_openelm(model_dir, show_progress=False),
+    )
+    engine.start()
+    return engine
+
+
+def test_the_model_as_its_own_draft_has_every_proposal_accepted(shared_model_dir, shared_tokenizer_dir):
+    ref = reference(shared_model_dir)
+    jobs = [(case["prompt_ids"], greedy(ref["new_tokens"])) for case in ref["cases"]]
+    expected = [case["greedy_ids"] for case in ref["cases"]]
+    engine = self_drafting_engine(shared_model_dir, shared_tokenizer_dir, max_num_batched_tokens=16)
+    try:
+        assert run_one_by_one(engine, jobs) == expected
+        # Again from the prefix cache, batched with sampled requests that do not speculate.
+        sampled = [(prompt, SamplingParams(max_new_tokens=10, temperature=0.9, seed=1)) for prompt, _ in jobs]
+        assert run_together(engine, jobs + sampled)[: len(jobs)] == expected
+        stats = engine.stats()
+        assert stats.spec_draft_tokens > 0 and stats.spec_accepted_tokens == stats.spec_draft_tokens
+        assert_no_blocks_held(engine)
+    finally:
+        engine.shutdown()
+
+
+def test_a_self_drafting_engine_recomputes_its_draft_cache_after_preemption(shared_model_dir, shared_tokenizer_dir):
+    ref = reference(shared_model_dir)
+    engine = self_drafting_engine(
+        shared_model_dir,
+        shared_tokenizer_dir,
+        max_model_len=128,
+        kv_cache_tokens=128,
+        max_num_batched_tokens=32,
+        num_speculative_tokens=3,
+    )
+    try:
+        jobs = [(case["prompt_ids"], greedy(ref["new_tokens"])) for case in ref["cases"]] * 3
+        assert run_together(engine, jobs) == [case["greedy_ids"] for case in ref["cases"]] * 3
+        stats = engine.stats()
+        assert stats.preemptions > 0
+        assert stats.spec_draft_tokens > 0 and stats.spec_accepted_tokens == stats.spec_draft_tokens
+        assert_no_blocks_held(engine)
+    finally:
+        engine.shutdown()
+
+
+def test_a_draft_of_another_vocabulary_is_refused(shared_model_dir, own_model_dir, own_tokenizer_dir):
+    with pytest.raises(ValueError, match="the draft model's vocabulary has 32000 tokens"):
+        Engine(
+            load_openelm(own_model_dir, show_progress=False),
+            load_tokenizer(own_tokenizer_dir),
+            EngineConfig(max_model_len=256, speculative="draft"),
+            draft=load_openelm(shared_model_dir, show_progress=False),
+        )
+
+
+def test_draft_speculation_over_http(shared_model_dir, shared_tokenizer_dir):
+    from in_process import InProcessServer
+
+    server = InProcessServer(
+        shared_model_dir, shared_tokenizer_dir, speculative="draft", draft_model_path=str(shared_model_dir)
+    )
+    try:
+        body = {"model": server.model, "max_tokens": 20, "temperature": 0, "prompt": "Hello there"}
+        server.post_ok("/v1/completions", body)
+        proposed = scrape(server, "openelm_spec_decode_num_draft_tokens_total")
+        assert proposed > 0 and scrape(server, "openelm_spec_decode_num_accepted_tokens_total") == proposed
+    finally:
+        server.close()
+
+
+def test_start_up_refuses_a_draft_of_another_vocabulary(shared_model_dir, own_model_dir, own_tokenizer_dir):
+    from openelm_server.config import Settings
+    from openelm_server.startup import StartupError, build_engine
+
+    settings = Settings(
+        model_path=str(own_model_dir),
+        tokenizer_path=str(own_tokenizer_dir),
+        draft_model_path=str(shared_model_dir),
+        speculative="draft",
+        device="cpu",
+    )
+    with pytest.raises(StartupError, match="--draft-model-path must share the model's tokenizer"):
+        build_engine(settings)

@@ -30,7 +30,7 @@ def test_speculative_decoding_settings():
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--speculative", "medusa"], "--speculative must be none or ngram, got 'medusa'"),
+        (["--speculative", "medusa"], "--speculative must be none, ngram or draft, got 'medusa'"),
         (["--num-speculative-tokens", "0"], "--num-speculative-tokens: must be from 1 to 16, got 0"),
         (["--num-speculative-tokens", "17"], "--num-speculative-tokens: must be from 1 to 16, got 17"),
     ],
@@ -41,4 +41,28 @@ def test_bad_speculative_settings_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         load_settings(argv, {})
     assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_draft_model_path_implies_draft_speculation():
+    from openelm_server.config import load_settings
+
+    settings = load_settings([], {"DRAFT_MODEL_PATH": "/m/OpenELM-270M-Instruct"})
+    assert (settings.speculative, settings.draft_model_path) == ("draft", "/m/OpenELM-270M-Instruct")
+    settings = load_settings(["--speculative", "draft", "--draft-model-path", "/d"], {})
+    assert (settings.speculative, settings.draft_model_path) == ("draft", "/d")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--speculative", "draft"], "--speculative draft needs the draft model's directory: pass --draft-model-path"),
+        (["--speculative", "ngram", "--draft-model-path", "/d"], "--draft-model-path is for --speculative draft"),
+    ],
+)
+def test_draft_settings_that_do_not_go_together_are_refused(argv, message, capsys):
+    from openelm_server.config import load_settings
+
+    with pytest.raises(SystemExit):
+        load_settings(argv, {})
     assert message in capsys.readouterr().err
