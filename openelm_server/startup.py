@@ -107,13 +107,13 @@ def warn_if_slow_bfloat16(dtype: torch.dtype, device: torch.device, flags: set[s
 
 
 def check_directories(settings: Settings) -> None:
-    for label, path, flag in (
-        ("model", settings.model_path, "--model-path"),
-        ("tokenizer", settings.tokenizer_path, "--tokenizer-path"),
-        ("draft model", settings.draft_model_path, "--draft-model-path"),
+    for label, path, flag, download in (
+        ("model", settings.model_path, "--model-path", "bash download.sh"),
+        ("tokenizer", settings.tokenizer_path, "--tokenizer-path", "bash download.sh"),
+        ("draft model", settings.draft_model_path, "--draft-model-path", "DRAFT=1 bash download.sh"),
     ):
         if path is not None and not Path(path).is_dir():
-            raise StartupError(f"{label} directory {path} not found: run `bash download.sh` or pass {flag}")
+            raise StartupError(f"{label} directory {path} not found: run `{download}` or pass {flag}")
 
 
 def check_model_files(settings: Settings) -> OpenELMConfig:
