@@ -9,8 +9,13 @@
 #       only the tokenizer files (OpenELM is used with the Llama-2 tokenizer),
 #       never the Llama weights.
 #
+#   with DRAFT=1, also LLM-Research/OpenELM-270M-Instruct -> $MODEL_ROOT/OpenELM-270M-Instruct
+#       config.json, generation_config.json, model.safetensors: the draft
+#       model for speculative decoding (--draft-model-path), same tokenizer.
+#
 # Usage:  ./download.sh                     # into /root/autodl-tmp
 #         MODEL_ROOT=/data ./download.sh    # somewhere else
+#         DRAFT=1 ./download.sh             # and the 270M draft model
 #
 # Files are selected by naming them exactly (positional `files` of
 # `modelscope download`), not with --include/--exclude patterns, whose
@@ -41,6 +46,9 @@ TOKENIZER_REPO="shakechen/Llama-2-7b-hf"
 # tokenizer.json is not strictly needed (transformers can build it from
 # tokenizer.model), but with it the fast tokenizer loads without a conversion.
 TOKENIZER_FILES=(tokenizer.model tokenizer_config.json special_tokens_map.json tokenizer.json)
+
+DRAFT_REPO="LLM-Research/OpenELM-270M-Instruct"
+DRAFT_FILES=(config.json generation_config.json model.safetensors)
 
 # What api.py uses when --model-path / --tokenizer-path are not given.
 API_DEFAULT_MODEL_PATH=/root/autodl-tmp/OpenELM-3B-Instruct
@@ -205,6 +213,7 @@ shards_in() {
 MODEL_ROOT=${MODEL_ROOT%/}
 OPENELM_DIR="$MODEL_ROOT/OpenELM-3B-Instruct"
 TOKENIZER_DIR="$MODEL_ROOT/Llama-2-7b-hf"
+DRAFT_DIR="$MODEL_ROOT/OpenELM-270M-Instruct"
 
 info "==> $OPENELM_REPO -> $OPENELM_DIR"
 # First the small files, including the index, then the shards the index names.
@@ -218,6 +227,11 @@ ensure "$OPENELM_REPO" "$OPENELM_DIR" "${shards[@]}"
 info "==> $TOKENIZER_REPO (tokenizer files only) -> $TOKENIZER_DIR"
 ensure "$TOKENIZER_REPO" "$TOKENIZER_DIR" "${TOKENIZER_FILES[@]}"
 
+if [[ ${DRAFT:-} == 1 ]]; then
+    info "==> $DRAFT_REPO (draft model for speculative decoding) -> $DRAFT_DIR"
+    ensure "$DRAFT_REPO" "$DRAFT_DIR" "${DRAFT_FILES[@]}"
+fi
+
 info "" \
     "Done. Everything is in place:" \
     "    model:     $OPENELM_DIR" \
@@ -227,4 +241,9 @@ info "" \
     "    python api.py --model-path $(printf '%q' "$OPENELM_DIR") --tokenizer-path $(printf '%q' "$TOKENIZER_DIR")"
 if [[ $OPENELM_DIR == "$API_DEFAULT_MODEL_PATH" && $TOKENIZER_DIR == "$API_DEFAULT_TOKENIZER_PATH" ]]; then
     info "(these are api.py's default paths, so plain \`python api.py\` works too)"
+fi
+if [[ ${DRAFT:-} == 1 ]]; then
+    info "" \
+        "Draft model for speculative decoding: $DRAFT_DIR" \
+        "    add --draft-model-path $(printf '%q' "$DRAFT_DIR") to the command above"
 fi

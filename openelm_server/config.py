@@ -7,13 +7,14 @@ on the command line wins over the environment, which wins over the default.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from openelm_server.engine.config import EngineConfig
+from openelm_server.engine.config import MAX_SPECULATIVE_TOKENS, SPECULATIVE_METHODS, EngineConfig
 
 DEFAULT_MODEL_PATH = "/root/autodl-tmp/OpenELM-3B-Instruct"
 DEFAULT_TOKENIZER_PATH = "/root/autodl-tmp/Llama-2-7b-hf"
@@ -40,6 +41,9 @@ class Settings:
     kv_cache_tokens: int | None = EngineConfig.kv_cache_tokens
     max_num_batched_tokens: int | None = EngineConfig.max_num_batched_tokens
     prefix_caching: bool = EngineConfig.prefix_caching
+    speculative: str = EngineConfig.speculative
+    num_speculative_tokens: int = EngineConfig.num_speculative_tokens
+    draft_model_path: str | None = None
     gpu_memory_utilization: float | None = None
     max_tokens_limit: int = 2048
     max_prompt_tokens: int | None = None
@@ -92,6 +96,13 @@ def _positive_int(value: str) -> int:
     number = _whole_number(value)
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
+def _speculative_tokens(value: str) -> int:
+    number = _whole_number(value)
+    if not 1 <= number <= MAX_SPECULATIVE_TOKENS:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_SPECULATIVE_TOKENS}, got {number}")
     return number
 
 
@@ -174,6 +185,27 @@ _OPTIONS: list[tuple[str, str, object, str]] = [
         _positive_int,
         "tokens computed per step, decodes plus prompt chunks: a long prompt is read in chunks of what is "
         "left, so running streams pause at most one step (default: 256 on the CPU, 2048 on CUDA)",
+    ),
+    (
+        "--speculative",
+        "SPECULATIVE",
+        str,
+        "none | ngram | draft: speculative decoding of greedy requests (temperature 0), answers unchanged; "
+        "ngram proposes the tokens that followed the last few ones earlier in the prompt and answer "
+        "(prompt lookup), draft a smaller model's (--draft-model-path)",
+    ),
+    (
+        "--draft-model-path",
+        "DRAFT_MODEL_PATH",
+        str,
+        "OpenELM model directory of the draft model for --speculative draft (implies it); it must share the "
+        "model's tokenizer, e.g. OpenELM-270M-Instruct for the 3B (DRAFT=1 bash download.sh fetches it)",
+    ),
+    (
+        "--num-speculative-tokens",
+        "NUM_SPECULATIVE_TOKENS",
+        _speculative_tokens,
+        f"tokens proposed and verified per step with --speculative (1 to {MAX_SPECULATIVE_TOKENS})",
     ),
     (
         "--gpu-memory-utilization",
@@ -324,6 +356,14 @@ def load_settings(argv: Sequence[str] | None = None, environ: dict[str, str] | N
             f"--onednn-linear / --no-onednn-linear choose the kernel of float32 linear layers; with "
             f"--quantization {settings.quantization} every linear layer is {settings.quantization}: drop one of them"
         )
+    if settings.speculative not in SPECULATIVE_METHODS:
+        parser.error(f"--speculative must be none, ngram or draft, got {settings.speculative!r}")
+    if settings.draft_model_path is not None and settings.speculative == "none":
+        settings = dataclasses.replace(settings, speculative="draft")
+    if settings.speculative == "draft" and settings.draft_model_path is None:
+        parser.error("--speculative draft needs the draft model's directory: pass --draft-model-path")
+    if settings.speculative == "ngram" and settings.draft_model_path is not None:
+        parser.error("--draft-model-path is for --speculative draft, not ngram: drop one of them")
     if settings.log_level not in ("debug", "info", "warning", "error"):
         parser.error(f"--log-level must be debug, info, warning or error, got {settings.log_level!r}")
     if settings.demo and (

@@ -107,12 +107,13 @@ def warn_if_slow_bfloat16(dtype: torch.dtype, device: torch.device, flags: set[s
 
 
 def check_directories(settings: Settings) -> None:
-    for label, path, flag in (
-        ("model", settings.model_path, "--model-path"),
-        ("tokenizer", settings.tokenizer_path, "--tokenizer-path"),
+    for label, path, flag, download in (
+        ("model", settings.model_path, "--model-path", "bash download.sh"),
+        ("tokenizer", settings.tokenizer_path, "--tokenizer-path", "bash download.sh"),
+        ("draft model", settings.draft_model_path, "--draft-model-path", "DRAFT=1 bash download.sh"),
     ):
-        if not Path(path).is_dir():
-            raise StartupError(f"{label} directory {path} not found: run `bash download.sh` or pass {flag}")
+        if path is not None and not Path(path).is_dir():
+            raise StartupError(f"{label} directory {path} not found: run `{download}` or pass {flag}")
 
 
 def check_model_files(settings: Settings) -> OpenELMConfig:
@@ -233,6 +234,15 @@ def _build_engine(settings: Settings) -> tuple[Engine, object]:
     """The checks that need no weights run before the model loads, which takes minutes for 3B."""
     check_directories(settings)
     model_config = check_model_files(settings)
+    if settings.draft_model_path is not None:
+        draft_config = OpenELMConfig.from_dir(Path(settings.draft_model_path))
+        checkpoint_files(Path(settings.draft_model_path))
+        if draft_config.vocab_size != model_config.vocab_size:
+            raise StartupError(
+                f"the draft model in {settings.draft_model_path} has a vocabulary of {draft_config.vocab_size} "
+                f"tokens, the model in {settings.model_path} {model_config.vocab_size}: --draft-model-path must "
+                "share the model's tokenizer (OpenELM-270M-Instruct drafts for OpenELM-3B-Instruct)"
+            )
     tokenizer = load_tokenizer(settings.tokenizer_path)
     if len(tokenizer) > model_config.vocab_size:
         raise StartupError(
@@ -263,6 +273,10 @@ def _build_engine(settings: Settings) -> tuple[Engine, object]:
             )
     if settings.compile and device.type == "cuda":
         compile_elementwise(model)
+    draft = None
+    if settings.draft_model_path is not None:
+        draft = load_openelm(settings.draft_model_path, device=device, dtype=dtype)
+        log.info("speculative decoding with the draft model in %s", settings.draft_model_path)
     max_model_len = min(settings.max_model_len, model.config.max_context_length)
     if max_model_len < settings.max_model_len:
         log.warning("--max-model-len %d is beyond the model's context; using %d", settings.max_model_len, max_model_len)
@@ -272,4 +286,4 @@ def _build_engine(settings: Settings) -> tuple[Engine, object]:
         **{field.name: getattr(settings, field.name) for field in dataclasses.fields(EngineConfig)}
         | {"kv_cache_tokens": kv_cache_tokens_that_fit(model, settings, device, dtype)}
     )
-    return Engine(model, tokenizer, config), tokenizer
+    return Engine(model, tokenizer, config, draft), tokenizer

@@ -100,7 +100,7 @@ class RequestStream:
 
 
 class Engine:
-    def __init__(self, model: OpenELM, tokenizer, config: EngineConfig):
+    def __init__(self, model: OpenELM, tokenizer, config: EngineConfig, draft: OpenELM | None = None):
         if config.max_model_len > model.config.max_context_length:
             raise ValueError(
                 f"max_model_len {config.max_model_len} exceeds the model's context of {model.config.max_context_length}"
@@ -115,7 +115,7 @@ class Engine:
         self.config = config
         self.eos_token_id = model.config.eos_token_id
         self.device = model.transformer.token_embeddings.weight.device
-        self.core = EngineCore(model, config, self.device)
+        self.core = EngineCore(model, config, self.device, draft)
         self.grammars = Grammars(tokenizer, model.config.vocab_size)
         self._inbox: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
@@ -127,7 +127,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         log.info(
             "KV cache: %d tokens (%d blocks of %d), %.1f MiB on %s; up to %d requests at once, "
-            "%d tokens per step; prefix caching %s; decode %s",
+            "%d tokens per step; prefix caching %s; decode %s; speculative decoding %s",
             (self.core.kv_cache.num_blocks - 1) * BLOCK_SIZE,
             self.core.kv_cache.num_blocks - 1,
             BLOCK_SIZE,
@@ -137,6 +137,7 @@ class Engine:
             self.core.scheduler.max_num_batched_tokens,
             "on" if config.prefix_caching else "off",
             "with CUDA graphs" if self.core.runner.static_decoder is not None else "eager",
+            "off" if config.speculative == "none" else f"{config.speculative}, {config.num_speculative_tokens} tokens",
         )
 
     # ---- called from any thread -------------------------------------------------------

@@ -10,6 +10,9 @@ from dataclasses import dataclass
 # steps (512 took 3, and the streams paused for a third of its time to first token; BENCHMARKS.md).
 DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cpu": 256, "cuda": 2048}
 
+SPECULATIVE_METHODS = ("none", "ngram", "draft")
+MAX_SPECULATIVE_TOKENS = 16
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -23,6 +26,19 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None
     prefix_caching: bool = True  # reuse the KV blocks of a prompt's prefix that was seen before
     cuda_graphs: bool = True  # decode steps replayed as CUDA graphs on CUDA
+    # Speculative decoding of greedy requests: "none", "ngram" (proposals looked up in the
+    # request's own tokens) or "draft" (proposed by a smaller model given to the engine); the
+    # model verifies up to num_speculative_tokens proposals per step.
+    speculative: str = "none"
+    num_speculative_tokens: int = 4
+
+    def __post_init__(self) -> None:
+        if self.speculative not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE_METHODS)}, got {self.speculative!r}")
+        if not 1 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+            raise ValueError(
+                f"num_speculative_tokens must be from 1 to {MAX_SPECULATIVE_TOKENS}, got {self.num_speculative_tokens}"
+            )
 
     @property
     def resolved_kv_cache_tokens(self) -> int:

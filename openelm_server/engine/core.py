@@ -4,10 +4,22 @@ The caller (async_engine.py) adds and finishes requests between steps and turns 
 :class:`RequestOutput` of each step into events. A step that fails raises :class:`StepError`
 naming its requests, which are left as they were (their blocks still held) for the caller to
 finish.
+
+Speculative decoding (``speculative="ngram"`` or ``"draft"``, see speculative.py): a decoding
+request that is greedy (temperature 0) gets up to ``num_speculative_tokens`` proposed tokens,
+computed with its last token in one step; the logits at each of those positions are sampled
+exactly as a plain step would sample them (penalties and min_tokens applied to the answer as it
+would be by then), the proposals are kept while they equal what the model picks, and the
+model's own pick follows the last kept one: each step adds 1 to K + 1 tokens, the very tokens a
+step-by-step decode would add, stopping where it would stop (EOS, max_new_tokens). Sampled
+requests, requests asking for logprobs or prompt logprobs, and structured answers (whose
+grammar advances token by token) never speculate: their steps are as without it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import logging
 from dataclasses import dataclass
 
@@ -22,6 +34,7 @@ from openelm_server.engine.request import FinishReason, Request
 from openelm_server.engine.runner import ModelRunner
 from openelm_server.engine.sampling import SamplingRow, sample
 from openelm_server.engine.scheduler import ScheduledRequest, Scheduler
+from openelm_server.engine.speculative import DraftProposer, propose_ngram
 from openelm_server.model.kv_cache import BLOCK_SIZE
 from openelm_server.model.openelm import OpenELM
 
@@ -45,10 +58,19 @@ class EngineStats:
     prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int  # of them, tokens found there
     preemptions: int
+    spec_draft_tokens: int  # tokens proposed for verification (speculative decoding)
+    spec_accepted_tokens: int  # of them, tokens the model confirmed
 
 
 class EngineCore:
-    def __init__(self, model: OpenELM, config: EngineConfig, device: torch.device):
+    def __init__(self, model: OpenELM, config: EngineConfig, device: torch.device, draft: OpenELM | None = None):
+        if (config.speculative == "draft") != (draft is not None):
+            raise ValueError("speculative='draft' needs a draft model, and a draft model needs speculative='draft'")
+        if draft is not None and draft.config.vocab_size != model.config.vocab_size:
+            raise ValueError(
+                f"the draft model's vocabulary has {draft.config.vocab_size} tokens, the model's "
+                f"{model.config.vocab_size}: a draft must share the model's tokenizer"
+            )
         self.model = model
         self.config = config
         self.eos_token_id = model.config.eos_token_id
@@ -65,6 +87,9 @@ class EngineCore:
             with torch.inference_mode():
                 static_decoder.capture_all()
         self.runner = ModelRunner(model, self.kv_cache, static_decoder)
+        self.draft_proposer = None if draft is None else DraftProposer(draft, num_blocks)
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
 
     @property
     def has_work(self) -> bool:
@@ -93,19 +118,53 @@ class EngineCore:
             manager.stats.queries,
             manager.stats.hits,
             self.scheduler.num_preemptions,
+            self.num_draft_tokens,
+            self.num_accepted_tokens,
         )
 
     def step(self) -> list[RequestOutput]:
-        scheduled = self.scheduler.schedule()
+        scheduled = self.scheduler.schedule(self._drafts())
         if not scheduled:
             return []
-        wanted = [self._logit_offsets(s) for s in scheduled]
         try:
             with torch.inference_mode():
+                if self.draft_proposer is not None:
+                    scheduled = self._with_draft_proposals(scheduled)
+                wanted = [self._logit_offsets(s) for s in scheduled]
                 logits = self.runner.run(scheduled, wanted)
                 return self._update(scheduled, logits)
         except Exception as error:
             raise StepError([s.request.request_id for s in scheduled]) from error
+
+    def _drafts(self) -> dict[Request, list[int]]:
+        """Proposed next tokens of the decoding requests that speculate, never more than their
+        max_new_tokens leaves room for after the model's own next token."""
+        if self.config.speculative == "none":
+            return {}
+        drafts = {}
+        for request in self.scheduler.running:
+            if request.num_tokens - request.num_computed_tokens != 1 or not self._speculates(request):
+                continue
+            room = min(self.config.num_speculative_tokens, request.params.max_new_tokens - len(request.output_ids) - 1)
+            # The draft model proposes once the step's blocks are there: room is held for it.
+            draft = [0] * max(room, 0) if self.draft_proposer is not None else propose_ngram(request.token_ids, room)
+            if draft:
+                drafts[request] = draft
+        return drafts
+
+    def _with_draft_proposals(self, scheduled: list[ScheduledRequest]) -> list[ScheduledRequest]:
+        speculating = [s for s in scheduled if s.draft_ids]
+        if not speculating:
+            return scheduled
+        proposals = iter(self.draft_proposer.propose(speculating))
+        return [dataclasses.replace(s, draft_ids=tuple(next(proposals))) if s.draft_ids else s for s in scheduled]
+
+    @staticmethod
+    def _speculates(request: Request) -> bool:
+        params = request.params
+        return (
+            params.greedy and params.logprobs is None and params.prompt_logprobs is None and request.constrained is None
+        )
 
     def _logit_offsets(self, scheduled: ScheduledRequest) -> list[int]:
         """Which of the step's tokens need logits: the prompt positions whose logprobs are still
@@ -118,12 +177,13 @@ class EngineCore:
             last = min(scheduled.start + scheduled.num_tokens, len(request.prompt_ids) - 1)
             offsets += [k - 1 - scheduled.start for k in range(first, last + 1)]
         if scheduled.completes and request.params.max_new_tokens > 0:
-            offsets.append(scheduled.num_tokens - 1)
+            # The last known token's, then each proposal's: the model's pick after each of them.
+            offsets += range(scheduled.num_tokens - 1 - len(scheduled.draft_ids), scheduled.num_tokens)
         return offsets
 
     def _update(self, scheduled: list[ScheduledRequest], logits: list[torch.Tensor]) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
-        sampling: list[tuple[Request, torch.Tensor]] = []
+        sampling: list[tuple[ScheduledRequest, torch.Tensor]] = []
         for s, rows in zip(scheduled, logits):
             request = s.request
             if request.wants_prompt_logprobs:
@@ -135,44 +195,69 @@ class EngineCore:
                         request.prompt_ids[first : first + count],
                         request.params.prompt_logprobs,
                     )
-            self.scheduler.after_step(request, s)
             if not s.completes:
+                self.scheduler.after_step(request, s)
                 continue
             if request.params.max_new_tokens == 0:  # an echo of the prompt's logprobs, nothing generated
+                self.scheduler.after_step(request, s)
                 self.scheduler.finish(request, FinishReason.LENGTH)
                 outputs.append(self._output(request, ()))
             else:
-                sampling.append((request, rows[-1]))
+                sampling.append((s, rows[-1 - len(s.draft_ids) :]))  # after the prompt logprobs' rows
         if sampling:
             outputs += self._sample(sampling)
         return outputs
 
-    def _sample(self, sampling: list[tuple[Request, torch.Tensor]]) -> list[RequestOutput]:
-        requests = [request for request, _ in sampling]
-        logits = torch.stack([row for _, row in sampling])
-        rows = [
-            SamplingRow(r.params, r.prompt_ids, r.output_ids, r.generator, self._banned_token_ids(r), r.constrained)
-            for r in requests
-        ]
-        asking = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+    def _sample(self, sampling: list[tuple[ScheduledRequest, torch.Tensor]]) -> list[RequestOutput]:
+        """The next token of each request, or, where it speculates, the tokens its proposals
+        and the model agree on plus the model's own next one. One row per logits position:
+        row i of a request is sampled as if its first i proposals had been generated."""
+        rows: list[SamplingRow] = []
+        for s, _ in sampling:
+            r = s.request
+            for i in range(len(s.draft_ids) + 1):
+                output_ids = r.output_ids + list(s.draft_ids[:i])
+                banned = self._banned_token_ids(r, len(output_ids))
+                rows.append(SamplingRow(r.params, r.prompt_ids, output_ids, r.generator, banned, r.constrained))
+        logits = torch.cat([rows_of_one for _, rows_of_one in sampling])
+        # Requests asking for logprobs never speculate: one row each.
+        first_rows = list(itertools.accumulate((len(s.draft_ids) + 1 for s, _ in sampling), initial=0))
+        asking = [first_rows[i] for i, (s, _) in enumerate(sampling) if s.request.params.logprobs is not None]
         # Taken before sampling, which adjusts the logits in place.
         scored = log_softmax(logits[asking]) if asking else None
         tokens = sample(logits, rows)
-        logprobs: list[tuple[TokenLogprob, ...]] = [()] * len(requests)
+        logprobs: dict[int, tuple[TokenLogprob, ...]] = {}
         if asking:
-            top = max(requests[i].params.logprobs for i in asking)
+            top = max(rows[i].params.logprobs for i in asking)
             for i, logprob in zip(asking, token_logprobs(scored, [tokens[i] for i in asking], top)):
-                wanted = requests[i].params.logprobs
+                wanted = rows[i].params.logprobs
                 logprobs[i] = (TokenLogprob(logprob.token_id, logprob.logprob, logprob.top[:wanted]),)
         outputs = []
-        for request, token, token_logprob in zip(requests, tokens, logprobs):
-            request.output_ids.append(token)
-            if request.constrained is not None:
-                request.constrained.accept(token)
-            reason = self._finish_reason(request, token)
+        for (s, _), first in zip(sampling, first_rows):
+            request = s.request
+            new_tokens: list[int] = []
+            reason = None
+            for i, token in enumerate(tokens[first : first + len(s.draft_ids) + 1]):
+                new_tokens.append(token)
+                request.output_ids.append(token)
+                if request.constrained is not None:
+                    request.constrained.accept(token)
+                reason = self._finish_reason(request, token)
+                if reason is not None or i == len(s.draft_ids) or token != s.draft_ids[i]:
+                    break
+            # The inputs computed after the last token kept are the rejected proposals.
+            self.scheduler.after_step(request, s, len(s.draft_ids) - (len(new_tokens) - 1))
+            if s.draft_ids:
+                accepted = sum(
+                    1 for _ in itertools.takewhile(lambda pair: pair[0] == pair[1], zip(new_tokens, s.draft_ids))
+                )
+                request.num_draft_tokens += len(s.draft_ids)
+                request.num_accepted_tokens += accepted
+                self.num_draft_tokens += len(s.draft_ids)
+                self.num_accepted_tokens += accepted
             if reason is not None:
                 self.scheduler.finish(request, reason)
-            outputs.append(self._output(request, (token,), token_logprob))
+            outputs.append(self._output(request, tuple(new_tokens), logprobs.get(first, ())))
         return outputs
 
     def _finish_reason(self, request: Request, token: int) -> FinishReason | None:
@@ -185,16 +270,16 @@ class EngineCore:
             return FinishReason.STOP  # the structured answer is whole: nothing more may follow
         return None
 
-    def _banned_token_ids(self, request: Request) -> tuple[int, ...]:
+    def _banned_token_ids(self, request: Request, num_output_tokens: int) -> tuple[int, ...]:
         """EOS may not end an answer shorter than its min_tokens."""
-        if len(request.output_ids) < request.params.min_tokens and not request.params.ignore_eos:
+        if num_output_tokens < request.params.min_tokens and not request.params.ignore_eos:
             return (self.eos_token_id,)
         return ()
 
     def _output(
         self, request: Request, token_ids: tuple[int, ...], logprobs: tuple[TokenLogprob, ...] = ()
     ) -> RequestOutput:
-        first = len(request.output_ids) <= 1
+        first = len(request.output_ids) <= len(token_ids)
         scored_prompt = None
         if first and request.params.prompt_logprobs is not None:
             scored_prompt = (None, *request.prompt_logprobs)
@@ -206,4 +291,6 @@ class EngineCore:
             request.finish_reason if request.is_finished else None,
             logprobs,
             scored_prompt,
+            request.num_draft_tokens,
+            request.num_accepted_tokens,
         )

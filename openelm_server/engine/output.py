@@ -129,11 +129,15 @@ class GenerationEvent:
     error: EngineError | None = None
     logprobs: tuple[TokenLogprob, ...] = ()
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+    # Speculative decoding so far: tokens proposed for the request, and of them the ones confirmed.
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
 
 
 @dataclass(frozen=True)
 class RequestOutput:
-    """What the engine core produced for one request in one step: at most one token."""
+    """What the engine core produced for one request in one step: one token, none (an echo of
+    the prompt) or, when it speculates, several."""
 
     request_id: str
     token_ids: tuple[int, ...]
@@ -142,6 +146,8 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     logprobs: tuple[TokenLogprob, ...] = ()
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+    draft_tokens: int = 0  # speculative decoding so far, as in GenerationEvent
+    accepted_tokens: int = 0
 
 
 class OutputBuilder:
@@ -159,25 +165,36 @@ class OutputBuilder:
         return self.stop_matcher.stopped
 
     def build(self, output: RequestOutput) -> GenerationEvent:
+        """The event of one step's tokens. A stop string ends the answer at the token that
+        completes it: tokens after it in the same step (speculative decoding) are dropped, and
+        counted as never generated."""
         matcher = self.stop_matcher
         ending = output.finish_reason is not None
         text = ""
-        for token in output.token_ids:
+        token_ids = output.token_ids
+        # The answer's length before this step's tokens.
+        done = output.num_output_tokens - len(token_ids)
+        for i, token in enumerate(token_ids):
             if token == self.eos_token_id and not self.params.ignore_eos:
                 text += matcher.add(self.detokenizer.flush())  # EOS itself has no text
             else:
-                text += matcher.add(self.detokenizer.push(token), output.num_output_tokens >= self.params.min_tokens)
-                if ending and not matcher.stopped:
+                text += matcher.add(self.detokenizer.push(token), done + i + 1 >= self.params.min_tokens)
+                if ending and i == len(token_ids) - 1 and not matcher.stopped:
                     text += matcher.add(self.detokenizer.flush())
+            if matcher.stopped:
+                token_ids = token_ids[: i + 1]
+                break
         reason = FinishReason.STOP if matcher.stopped else output.finish_reason
         if reason is not None:
             text += matcher.finish()
         return GenerationEvent(
             text,
-            output.token_ids,
+            token_ids,
             output.num_prompt_tokens,
-            output.num_output_tokens,
+            done + len(token_ids),
             None if reason is None else reason.value,
-            logprobs=output.logprobs,
+            logprobs=output.logprobs[: len(token_ids)],
             prompt_logprobs=output.prompt_logprobs,
+            draft_tokens=output.draft_tokens,
+            accepted_tokens=output.accepted_tokens,
         )

@@ -49,6 +49,11 @@ class Request:
     # Scores of every prompt token but the first, filled chunk by chunk when the request asks.
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     arrival_time: float = field(default_factory=time.monotonic)
+    # Speculative decoding: tokens proposed for this request, and of them the ones confirmed.
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    # Of token_ids, how many have their keys and values in the draft model's cache (--speculative draft).
+    num_draft_computed_tokens: int = 0
 
     @property
     def token_ids(self) -> list[int]:

@@ -1,7 +1,8 @@
 """Runs one step's tokens through the model: builds the batch tensors, eagerly or as a CUDA graph.
 
 A step's tokens are laid out flat: first every row that feeds one token (decodes), attending as
-one group, then each longer prompt chunk as a group of its own. A step of decodes alone goes
+one group, then each longer prompt chunk (or a decode with proposed tokens to verify) as a group
+of its own. A step of decodes alone goes
 through the static decoder when there is one (CUDA graphs on CUDA). Logits are computed only at
 the positions the caller asks for, in one call.
 """
@@ -47,7 +48,7 @@ class ModelRunner:
         for i in order:
             offsets[i] = len(tokens)
             s = scheduled[i]
-            tokens += s.request.token_ids[s.start : s.start + s.num_tokens]
+            tokens += s.token_ids
             positions += range(s.start, s.start + s.num_tokens)
         block_size = self.kv_cache.block_size
         slots = []

@@ -9,6 +9,12 @@ prefix of its prompt. When the cache runs out mid-generation the newest running 
 preempted: it gives its blocks back, goes to the front of the queue, and recomputes its tokens
 (prompt and answer so far) when it runs again; no request ever fails for lack of cache.
 
+A decoding request may come with proposed tokens (speculative decoding): it then computes its
+last token and the proposals in one step, within the budget left after one token for every
+decoding request, and without them when their blocks do not fit. The engine verifies them and
+rolls ``num_computed_tokens`` back over the rejected ones (:meth:`Scheduler.after_step`), so
+their keys and values are never read and never enter the prefix cache.
+
 Invariants: ``waiting`` holds WAITING and PREEMPTED requests, oldest first, preempted ones
 ahead; ``running`` holds RUNNING requests in admission order; a request is in exactly one of
 them until it finishes, and a finished request holds no blocks. Nothing else touches them.
@@ -25,16 +31,23 @@ from openelm_server.engine.request import FinishReason, Request, RequestStatus
 
 @dataclass(frozen=True)
 class ScheduledRequest:
-    """``request`` computes its tokens [start, start + num_tokens) this step."""
+    """``request`` computes its tokens [start, start + num_tokens) this step; the last
+    ``len(draft_ids)`` of them are proposed tokens, not yet the request's own."""
 
     request: Request
     start: int
     num_tokens: int
+    draft_ids: tuple[int, ...] = ()
 
     @property
     def completes(self) -> bool:
         """The step computes the request's last known token, so its logits give the next one."""
-        return self.start + self.num_tokens == self.request.num_tokens
+        return self.start + self.num_tokens - len(self.draft_ids) == self.request.num_tokens
+
+    @property
+    def token_ids(self) -> list[int]:
+        known = self.num_tokens - len(self.draft_ids)
+        return self.request.token_ids[self.start : self.start + known] + list(self.draft_ids)
 
 
 class Scheduler:
@@ -78,18 +91,29 @@ class Scheduler:
             self.finish(request, FinishReason.ABORT)
         return request
 
-    def schedule(self) -> list[ScheduledRequest]:
-        """This step's work: decodes first (oldest first), then prompt chunks, then admissions."""
+    def schedule(self, drafts: dict[Request, list[int]] | None = None) -> list[ScheduledRequest]:
+        """This step's work: decodes first (oldest first), with the tokens ``drafts`` proposes
+        for them where they fit, then prompt chunks, then admissions."""
+        drafts = drafts or {}
         budget = self.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
         done: set[int] = set()
         preempted = False
         by_need = sorted(self.running, key=lambda r: (r.num_tokens - r.num_computed_tokens > 1, r.arrival_time))
+        # Proposals take only what is left once every decoding request has its one token.
+        spare = budget - sum(1 for r in self.running if r.num_tokens - r.num_computed_tokens == 1)
         for request in by_need:
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this step
             remaining = request.num_tokens - request.num_computed_tokens
             decoding = remaining == 1
+            draft = tuple(drafts.get(request, ())[: max(spare, 0)]) if decoding else ()
+            if draft and self._fit(request, 1 + len(draft), True):
+                scheduled.append(ScheduledRequest(request, request.num_computed_tokens, 1 + len(draft), draft))
+                done.add(id(request))
+                budget -= 1 + len(draft)
+                spare -= len(draft)
+                continue
             num_tokens = 1 if decoding else min(remaining, budget)
             if num_tokens < 1:
                 continue
@@ -161,9 +185,12 @@ class Scheduler:
         self.waiting.insert(place, request)
         self.num_preemptions += 1
 
-    def after_step(self, request: Request, scheduled: ScheduledRequest) -> None:
-        """The step computed the scheduled tokens; their full blocks join the prefix cache."""
-        request.num_computed_tokens = scheduled.start + scheduled.num_tokens
+    def after_step(self, request: Request, scheduled: ScheduledRequest, num_rejected: int = 0) -> None:
+        """The step computed the scheduled tokens, of which the last ``num_rejected`` (proposals
+        the model did not confirm) hold keys and values that must never be read: they are
+        computed again. The full blocks of the others join the prefix cache."""
+        request.num_computed_tokens = scheduled.start + scheduled.num_tokens - num_rejected
+        request.num_draft_computed_tokens = min(request.num_draft_computed_tokens, request.num_computed_tokens)
         block_size = self.block_manager.block_size
         if scheduled.start // block_size != request.num_computed_tokens // block_size:
             self.block_manager.cache_full_blocks(request.token_ids, request.block_ids, request.num_computed_tokens)
@@ -172,3 +199,4 @@ class Scheduler:
         self.block_manager.release(request.block_ids)
         request.block_ids = []
         request.num_computed_tokens = 0
+        request.num_draft_computed_tokens = 0

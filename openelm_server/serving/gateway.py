@@ -213,6 +213,13 @@ class Gateway:
                 self.metrics.observe_generation(
                     event.prompt_tokens, event.completion_tokens, start, first_token, time.monotonic()
                 )
+                if event.draft_tokens:
+                    log.info(
+                        "speculative decoding: %d of %d proposed tokens accepted (%.0f%%)",
+                        event.accepted_tokens,
+                        event.draft_tokens,
+                        100 * event.accepted_tokens / event.draft_tokens,
+                    )
 
     async def collect(self, request: Request, events: AsyncIterator[GenerationEvent]) -> Generation:
         """Run a started request to the end; a client that disconnects meanwhile cancels it."""

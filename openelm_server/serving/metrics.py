@@ -76,6 +76,16 @@ class _EngineCounters:
                 "Requests preempted (recomputed later) when the KV cache ran out",
                 stats.preemptions,
             ),
+            (
+                "openelm_spec_decode_num_draft_tokens",
+                "Tokens proposed by speculative decoding for the model to verify",
+                stats.spec_draft_tokens,
+            ),
+            (
+                "openelm_spec_decode_num_accepted_tokens",
+                "Proposed tokens the model confirmed (speculative decoding)",
+                stats.spec_accepted_tokens,
+            ),
         ):
             counter = CounterMetricFamily(name, help_text)
             counter.add_metric([], value)

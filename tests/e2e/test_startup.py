@@ -125,6 +125,13 @@ def test_missing_tokenizer_directory_says_what_to_do(tmp_path, serving_dirs):
     assert "Traceback" not in result.stderr
 
 
+def test_missing_draft_model_directory_says_what_to_do(tmp_path, serving_dirs):
+    model, tokenizer = (str(d) for d in serving_dirs)
+    result = run_api("--model-path", model, "--tokenizer-path", tokenizer, "--draft-model-path", str(tmp_path / "no"))
+    assert result.returncode != 0 and "DRAFT=1 bash download.sh" in result.stderr
+    assert "--draft-model-path" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_cuda_asked_for_without_a_gpu(serving_dirs):
     import torch
 

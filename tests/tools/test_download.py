@@ -347,3 +347,23 @@ def test_stand_in_help_is_the_real_cli_help(tmp_path):
 def test_shellcheck_clean():
     result = subprocess.run(["shellcheck", str(SCRIPT)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+DRAFT = "LLM-Research/OpenELM-270M-Instruct"
+DRAFT_NEEDED = {"config.json", "generation_config.json", "model.safetensors"}
+
+
+def test_draft_model_only_with_draft_1(tmp_path):
+    h = Harness(tmp_path, "legacy")
+    plain = h.run()
+    assert_ok(plain)
+    assert h.fetched(DRAFT) == [] and not (h.root / "OpenELM-270M-Instruct").exists()
+    assert "270M" not in plain.stdout
+    h.reset_log()
+
+    result = h.run(DRAFT="1")
+    assert_ok(result)
+    assert sorted(h.fetched(DRAFT)) == sorted(DRAFT_NEEDED)  # and nothing of the 3B again
+    assert h.fetched(OPENELM) == [] and h.fetched(LLAMA) == []
+    assert files_in(h.root / "OpenELM-270M-Instruct") == DRAFT_NEEDED
+    assert f"--draft-model-path {h.root}/OpenELM-270M-Instruct" in result.stdout

@@ -94,7 +94,15 @@ def test_autoscaling_reads_the_servers_queue_gauge():
     name = metric["pods"]["metric"]["name"]
     metrics = Metrics(
         lambda: EngineStats(
-            3, 8, kv_blocks_used=8, kv_blocks_total=32, prefix_cache_queries=0, prefix_cache_hits=0, preemptions=0
+            3,
+            8,
+            kv_blocks_used=8,
+            kv_blocks_total=32,
+            prefix_cache_queries=0,
+            prefix_cache_hits=0,
+            preemptions=0,
+            spec_draft_tokens=0,
+            spec_accepted_tokens=0,
         )
     )
     assert f"\n{name} 3.0\n" in metrics.render().decode()

@@ -68,9 +68,21 @@ PUBLISHED_FILES = [
     "tokenizer.model",
     "tokenizer_config.json",
 ]
+# The listing of Apple's OpenELM-270M-Instruct: one safetensors file, no index.
+DRAFT_FILES = [
+    ".gitattributes",
+    "LICENSE",
+    "README.md",
+    "config.json",
+    "configuration_openelm.py",
+    "generation_config.json",
+    "model.safetensors",
+    "modeling_openelm.py",
+]
 REPO_FILES: dict[str, list[str]] = {
     "LLM-Research/OpenELM-3B-Instruct": PUBLISHED_FILES,
     "shakechen/Llama-2-7b-hf": PUBLISHED_FILES,
+    "LLM-Research/OpenELM-270M-Instruct": DRAFT_FILES,
 }
 
 
