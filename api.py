@@ -9,6 +9,7 @@ random-weight model without the download. See README.md.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import signal
@@ -67,11 +68,30 @@ def uvicorn_config(app, settings: Settings) -> uvicorn.Config:
 
 class Server(uvicorn.Server):
     """uvicorn's server on the socket bound before loading; once it listens, it says which
-    address to open (uvicorn itself would print the unopenable http://0.0.0.0:6006)."""
+    address to open (uvicorn itself would print the unopenable http://0.0.0.0:6006).
 
-    def __init__(self, config: uvicorn.Config, settings: Settings):
+    On a stop signal uvicorn lets running requests finish for --shutdown-timeout seconds, then
+    cancels them, and a cancelled request's client gets a bare "500 Internal Server Error". So a
+    second before that, the engine ends what is still running with its retryable "the server is
+    shutting down", which the handlers send as a JSON 503 (or as a stream's last event)."""
+
+    # Time left for the handlers to answer once the engine has ended their requests.
+    ANSWER_SECONDS = 1.0
+
+    def __init__(self, config: uvicorn.Config, settings: Settings, engine):
         super().__init__(config)
         self.settings = settings
+        self.engine = engine
+
+    async def shutdown(self, sockets=None) -> None:
+        loop = asyncio.get_running_loop()
+        delay = max(self.settings.shutdown_timeout - self.ANSWER_SECONDS, 0.0)
+        # In a worker thread: shutting the engine down waits for its step to end.
+        timer = loop.call_later(delay, lambda: loop.run_in_executor(None, self.engine.shutdown))
+        try:
+            await super().shutdown(sockets)
+        finally:
+            timer.cancel()
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets)
@@ -115,7 +135,7 @@ def main(settings: Settings) -> int:
             settings.port,
         )
 
-    Server(uvicorn_config(app, settings), settings).run(sockets=[sock])
+    Server(uvicorn_config(app, settings), settings, engine).run(sockets=[sock])
     return 0
 
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import requests
-from http_checks import gauges, tutorial, wait_for
+from http_checks import completion, gauges, tutorial, wait_for
 
 SHUTDOWN_TIMEOUT = 10.0
 
@@ -62,3 +62,27 @@ def test_graceful_shutdown(fleet, name, sig):
     returncode = server.process.wait(timeout=SHUTDOWN_TIMEOUT + 5)
     assert time.monotonic() - started < SHUTDOWN_TIMEOUT
     assert returncode == 0, f"exit status {returncode} after {sig.name}:\n{server.log()[-1500:]}"
+
+
+def test_a_request_outliving_the_shutdown_timeout_gets_a_json_503(start_server, serving_dirs):
+    """uvicorn cancels what still runs at --shutdown-timeout, which its client would see as a bare
+    500; the server ends it a second earlier with the engine's retryable error instead."""
+    timeout = 3.0
+    flags = ("--shutdown-timeout", str(timeout), "--max-batch-size", "2", "--max-model-len", "2048")
+    server = start_server(*serving_dirs, *flags, env={"API_KEY": ""})
+    result: dict = {}
+
+    def in_flight():
+        # Far longer than the shutdown window (a tiny model's 2,000 tokens take many seconds).
+        body = completion("Once upon a time", 2000, ignore_eos=True)
+        result["response"] = requests.post(server.url + "/v1/completions", json=body, timeout=60)
+
+    thread = threading.Thread(target=in_flight)
+    thread.start()
+    assert wait_for(lambda: gauges(server.url)[0] == 1, 10)
+    server.process.send_signal(signal.SIGTERM)
+    thread.join(timeout=timeout + 10)
+    response = result["response"]
+    assert response.status_code == 503, response.text
+    assert "shutting down" in response.json()["error"]["message"]
+    assert server.process.wait(timeout=timeout + 10) == 0
