@@ -68,6 +68,13 @@ class InProcessServer:
         assert events[-1] == "data: [DONE]", events[-3:]
         return [json.loads(event.removeprefix("data: ")) for event in events[:-1]]
 
+    def metric(self, name: str) -> float:
+        """The value of an unlabelled series in /metrics."""
+        for line in self.request("GET", "/metrics").text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        raise AssertionError(f"{name} is not in /metrics")
+
     def sdk(self, call):
         """Run ``call(client)`` with the official openai SDK on this app; returns its result."""
 

@@ -2,9 +2,8 @@
 
 A step's tokens are laid out flat: first every row that feeds one token (decodes), attending as
 one group, then each longer prompt chunk (or a decode with proposed tokens to verify) as a group
-of its own. A step of decodes alone goes
-through the static decoder when there is one (CUDA graphs on CUDA). Logits are computed only at
-the positions the caller asks for, in one call.
+of its own. A step of decodes alone goes through the static decoder when there is one (CUDA
+graphs on CUDA). Logits are computed only at the positions the caller asks for, in one call.
 """
 
 from __future__ import annotations

@@ -101,7 +101,7 @@ class Scheduler:
         preempted = False
         by_need = sorted(self.running, key=lambda r: (r.num_tokens - r.num_computed_tokens > 1, r.arrival_time))
         # Proposals take only what is left once every decoding request has its one token.
-        spare = budget - sum(1 for r in self.running if r.num_tokens - r.num_computed_tokens == 1)
+        spare = budget - sum(1 for r in self.running if r.num_tokens - r.num_computed_tokens == 1) if drafts else 0
         for request in by_need:
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this step

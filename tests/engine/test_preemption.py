@@ -9,8 +9,11 @@ from engine_helpers import assert_no_blocks_held, greedy, make_engine, reference
 from openelm_server.engine.sampling import SamplingParams
 
 
+@pytest.mark.parametrize("speculative", ["none", "ngram"])
 @pytest.mark.parametrize("prefix_caching", [True, False], ids=["prefix-caching", "no-prefix-caching"])
-def test_reference_answers_after_preemption_and_recompute(shared_model_dir, shared_tokenizer_dir, prefix_caching):
+def test_reference_answers_after_preemption_and_recompute(
+    shared_model_dir, shared_tokenizer_dir, prefix_caching, speculative
+):
     ref = reference(shared_model_dir)
     # 128 tokens: the longest case (50 + 24) fits alone, but not beside the others.
     engine = make_engine(
@@ -21,11 +24,15 @@ def test_reference_answers_after_preemption_and_recompute(shared_model_dir, shar
         kv_cache_tokens=128,
         max_num_batched_tokens=32,
         prefix_caching=prefix_caching,
+        speculative=speculative,
     )
     try:
         jobs = [(case["prompt_ids"], greedy(ref["new_tokens"])) for case in ref["cases"]] * 3
         assert run_together(engine, jobs) == [case["greedy_ids"] for case in ref["cases"]] * 3
-        assert engine.stats().preemptions > 0
+        stats = engine.stats()
+        assert stats.preemptions > 0
+        # With speculation, verified proposals run through preemption and recompute too.
+        assert (stats.spec_accepted_tokens > 0) == (speculative == "ngram")
         assert_no_blocks_held(engine)
     finally:
         engine.shutdown()

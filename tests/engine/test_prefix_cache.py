@@ -109,13 +109,6 @@ def test_prompt_logprobs_are_computed_not_taken_from_the_cache(own_model_dir, ow
         engine.shutdown()
 
 
-def scrape(server, name: str) -> float:
-    for line in server.request("GET", "/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} is not in /metrics")
-
-
 @pytest.mark.parametrize("prefix_caching", [True, False], ids=["prefix-caching", "no-prefix-caching"])
 def test_prefix_cache_counters_over_http(own_model_dir, own_tokenizer_dir, prefix_caching):
     from in_process import InProcessServer
@@ -127,8 +120,8 @@ def test_prefix_cache_counters_over_http(own_model_dir, own_tokenizer_dir, prefi
         first = server.post_ok("/v1/completions", {**body, "prompt": prompt + "there was"})
         second = server.post_ok("/v1/completions", {**body, "prompt": prompt + "a fox"})
         queried = first["usage"]["prompt_tokens"] + second["usage"]["prompt_tokens"]
-        assert scrape(server, "openelm_prefix_cache_queries_total") == (queried if prefix_caching else 0)
-        hits = scrape(server, "openelm_prefix_cache_hits_total")
+        assert server.metric("openelm_prefix_cache_queries_total") == (queried if prefix_caching else 0)
+        hits = server.metric("openelm_prefix_cache_hits_total")
         if prefix_caching:
             assert hits >= 16 * (first["usage"]["prompt_tokens"] // 16 - 2)  # all but the prompt's last blocks
         else:

@@ -202,29 +202,6 @@ def test_a_stop_string_inside_an_accepted_run_ends_the_answer_there(
         engine.shutdown()
 
 
-@pytest.mark.parametrize("prefix_caching", [True, False], ids=["prefix-caching", "no-prefix-caching"])
-def test_preemption_with_speculation(shared_model_dir, shared_tokenizer_dir, prefix_caching):
-    ref = reference(shared_model_dir)
-    engine = make_engine(
-        shared_model_dir,
-        shared_tokenizer_dir,
-        max_batch_size=8,
-        max_model_len=128,
-        kv_cache_tokens=128,
-        max_num_batched_tokens=32,
-        prefix_caching=prefix_caching,
-        speculative="ngram",
-    )
-    try:
-        jobs = [(case["prompt_ids"], greedy(ref["new_tokens"])) for case in ref["cases"]] * 3
-        assert run_together(engine, jobs) == [case["greedy_ids"] for case in ref["cases"]] * 3
-        stats = engine.stats()
-        assert stats.preemptions > 0 and stats.spec_accepted_tokens > 0
-        assert_no_blocks_held(engine)
-    finally:
-        engine.shutdown()
-
-
 def test_rejected_proposals_never_enter_the_prefix_cache(shared_model_dir, shared_tokenizer_dir, monkeypatch):
     """Every proposal is wrong, so every step writes keys and values of tokens that are not the
     answer's; a later prompt made of the prompt and answer takes their blocks from the cache and
@@ -269,24 +246,17 @@ def test_an_aborted_speculating_request_frees_its_blocks(shared_model_dir, share
         engine.shutdown()
 
 
-def scrape(server, name: str) -> float:
-    for line in server.request("GET", "/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} is not in /metrics")
-
-
 def test_speculation_counters_over_http(shared_model_dir, shared_tokenizer_dir, caplog):
     from in_process import InProcessServer
 
     server = InProcessServer(shared_model_dir, shared_tokenizer_dir, speculative="ngram")
     try:
-        assert scrape(server, "openelm_spec_decode_num_draft_tokens_total") == 0
+        assert server.metric("openelm_spec_decode_num_draft_tokens_total") == 0
         body = {"model": server.model, "max_tokens": 40, "temperature": 0, "prompt": "one two three " * 10}
         with caplog.at_level("INFO", logger="openelm_server"):
             server.post_ok("/v1/completions", body)
-        proposed = scrape(server, "openelm_spec_decode_num_draft_tokens_total")
-        accepted = scrape(server, "openelm_spec_decode_num_accepted_tokens_total")
+        proposed = server.metric("openelm_spec_decode_num_draft_tokens_total")
+        accepted = server.metric("openelm_spec_decode_num_accepted_tokens_total")
         assert 0 < accepted <= proposed
         assert f"speculative decoding: {accepted:.0f} of {proposed:.0f} proposed tokens accepted" in caplog.text
     finally:
@@ -361,8 +331,8 @@ def test_draft_speculation_over_http(shared_model_dir, shared_tokenizer_dir):
     try:
         body = {"model": server.model, "max_tokens": 20, "temperature": 0, "prompt": "Hello there"}
         server.post_ok("/v1/completions", body)
-        proposed = scrape(server, "openelm_spec_decode_num_draft_tokens_total")
-        assert proposed > 0 and scrape(server, "openelm_spec_decode_num_accepted_tokens_total") == proposed
+        proposed = server.metric("openelm_spec_decode_num_draft_tokens_total")
+        assert proposed > 0 and server.metric("openelm_spec_decode_num_accepted_tokens_total") == proposed
     finally:
         server.close()
 
