@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 
 from openelm_server.config import Settings
 from openelm_server.engine.async_engine import Engine, QueueFullError, RequestStream
@@ -51,6 +52,85 @@ def api_error_from_engine(error: EngineError) -> ApiError:
     if error.retryable:
         return ApiError(503, str(error), code="overloaded", headers={"Retry-After": "1"})
     return ApiError(500, str(error), code="internal_error")
+
+
+class EventStream:
+    """One request's events as a route reads them, under ``--request-timeout``; an engine error
+    comes out as the :class:`ApiError` the client gets.
+
+    Invariant: once the route is done with it, the request ends. Closing (``aclose``) cancels the
+    request whether or not anything was read yet, and so does a cancellation or error while
+    reading: a response abandoned before its body started must not leave its generation running.
+    Its metrics are observed once, when it closes.
+    """
+
+    def __init__(self, stream: RequestStream, metrics: Metrics, timeout: float):
+        self._stream = stream
+        self._metrics = metrics
+        self._start = time.monotonic()
+        self._deadline = self._start + timeout
+        self._timeout = timeout
+        self._first_token: float | None = None
+        self._last: GenerationEvent | None = None
+        self._closed = False
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> GenerationEvent:
+        if self._closed or self._stream.finished:
+            self.close()
+            raise StopAsyncIteration
+        try:
+            event = await asyncio.wait_for(anext(self._stream), timeout=self._deadline - time.monotonic())
+        except TimeoutError:
+            self.close()
+            raise ApiError(
+                503,
+                f"the request took longer than {self._timeout:g} s (--request-timeout) and was cancelled",
+                code="timeout",
+            ) from None
+        except BaseException:  # cancelled: nobody will read the rest
+            self.close()
+            raise
+        self._last = event
+        if event.error is not None:
+            self.close()
+            raise api_error_from_engine(event.error)
+        if self._first_token is None and event.token_ids:
+            self._first_token = time.monotonic()
+        return event
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stream.cancel()
+        if self._last is not None:
+            event = self._last
+            self._metrics.observe_generation(
+                event.prompt_tokens, event.completion_tokens, self._start, self._first_token, time.monotonic()
+            )
+
+    async def aclose(self) -> None:
+        self.close()
+
+
+class EngineStreamingResponse(StreamingResponse):
+    """A streamed answer that ends its requests when the response ends, however it ends: also
+    when the client leaves before the body's first chunk, when the body iterator never runs
+    far enough to close them itself."""
+
+    def __init__(self, content: AsyncIterator[str], streams: list[EventStream], **kwargs):
+        super().__init__(content, **kwargs)
+        self.streams = streams
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for stream in self.streams:
+                stream.close()
 
 
 class Gateway:
@@ -163,7 +243,7 @@ class Gateway:
             )
         return requested
 
-    def start(self, jobs: list[tuple[list[int], SamplingParams]]) -> list[AsyncIterator[GenerationEvent]]:
+    def start(self, jobs: list[tuple[list[int], SamplingParams]]) -> list[EventStream]:
         """Queue requests and return their event streams; leaving a stream early cancels its
         request. A full queue or a request that cannot fit raises here, before any answer is
         sent, and cancels the requests of ``jobs`` already queued."""
@@ -179,49 +259,14 @@ class Gateway:
         except ValueError as error:
             self._cancel(started)
             raise ApiError(400, str(error)) from error
-        return [self._observed(stream) for stream in started]
+        return [EventStream(stream, self.metrics, self.settings.request_timeout) for stream in started]
 
     @staticmethod
     def _cancel(streams: list[RequestStream]) -> None:
         for stream in streams:
             stream.cancel()
 
-    async def _observed(self, stream: RequestStream) -> AsyncIterator[GenerationEvent]:
-        start = time.monotonic()
-        deadline = start + self.settings.request_timeout
-        first_token = None
-        event = None
-        try:
-            while not stream.finished:
-                try:
-                    event = await asyncio.wait_for(anext(stream), timeout=deadline - time.monotonic())
-                except TimeoutError:
-                    raise ApiError(
-                        503,
-                        f"the request took longer than {self.settings.request_timeout:g} s "
-                        "(--request-timeout) and was cancelled",
-                        code="timeout",
-                    ) from None
-                if event.error is not None:
-                    raise api_error_from_engine(event.error)
-                if first_token is None and event.token_ids:
-                    first_token = time.monotonic()
-                yield event
-        finally:
-            stream.cancel()
-            if event is not None:
-                self.metrics.observe_generation(
-                    event.prompt_tokens, event.completion_tokens, start, first_token, time.monotonic()
-                )
-                if event.draft_tokens:
-                    log.info(
-                        "speculative decoding: %d of %d proposed tokens accepted (%.0f%%)",
-                        event.accepted_tokens,
-                        event.draft_tokens,
-                        100 * event.accepted_tokens / event.draft_tokens,
-                    )
-
-    async def collect(self, request: Request, events: AsyncIterator[GenerationEvent]) -> Generation:
+    async def collect(self, request: Request, events: EventStream) -> Generation:
         """Run a started request to the end; a client that disconnects meanwhile cancels it."""
         result = Generation()
 

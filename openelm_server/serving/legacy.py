@@ -11,12 +11,11 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 
 from openelm_server.config import Settings
 from openelm_server.engine.sampling import SamplingParams
 from openelm_server.serving.errors import ApiError, now_text
-from openelm_server.serving.gateway import Gateway
+from openelm_server.serving.gateway import EngineStreamingResponse, Gateway
 from openelm_server.serving.protocol import LegacyError, LegacyRequest, LegacyResponse
 
 log = logging.getLogger(__name__)
@@ -44,8 +43,8 @@ async def legacy_generate(body: LegacyRequest, request: Request):
     prompt_text = gateway.decode(prompt_ids)
     [events] = gateway.start([(prompt_ids, params)])
     if body.stream:
-        return StreamingResponse(
-            _stream(prompt_text, events, body.prompt, settings), media_type="text/plain; charset=utf-8"
+        return EngineStreamingResponse(
+            _stream(prompt_text, events, body.prompt, settings), [events], media_type="text/plain; charset=utf-8"
         )
     result = await gateway.collect(request, events)
     response = prompt_text + result.text

@@ -11,13 +11,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 
 from openelm_server.engine.sampling import SamplingParams
 from openelm_server.engine.structured import ANY_OBJECT_SCHEMA, OutputConstraint
 from openelm_server.serving.chat_template import ChatTemplateError
 from openelm_server.serving.errors import ApiError, error_body
-from openelm_server.serving.gateway import Gateway, Generation
+from openelm_server.serving.gateway import EngineStreamingResponse, EventStream, Gateway, Generation
 from openelm_server.serving.openai_logprobs import (
     chat_logprobs,
     generated_logprobs,
@@ -275,7 +274,8 @@ async def create_completion(body: CompletionRequest, request: Request):
                 body.logprobs,
                 prompt_tokens,
                 _include_usage(body),
-            )
+            ),
+            streams,
         )
     results = await _collect_all(gateway, request, streams)
     choices = [
@@ -309,13 +309,15 @@ def _completion_choice_logprobs(
     return CompletionLogprobs(**scored)
 
 
-async def _collect_all(gateway: Gateway, request: Request, streams: list) -> list[Generation]:
+async def _collect_all(gateway: Gateway, request: Request, streams: list[EventStream]) -> list[Generation]:
     tasks = [asyncio.ensure_future(gateway.collect(request, events)) for events in streams]
     try:
         return list(await asyncio.gather(*tasks))
     finally:
         for task in tasks:
             task.cancel()  # one failed: the others stop too
+        for events in streams:
+            events.close()  # also those whose task was cancelled before it began
 
 
 @router.post("/chat/completions", response_model=ChatCompletion)
@@ -362,7 +364,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
                 logprobs is not None,
                 len(prompt_ids),
                 _include_usage(body),
-            )
+            ),
+            streams,
         )
     results = await _collect_all(gateway, request, streams)
     choices = [
@@ -405,9 +408,12 @@ def _chat_finish_reason(plan: ToolCallPlan | None, result: Generation) -> str | 
     return result.finish_reason
 
 
-def _sse_response(chunks: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(
-        chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+def _sse_response(chunks: AsyncIterator[str], streams: list[EventStream]) -> EngineStreamingResponse:
+    return EngineStreamingResponse(
+        chunks,
+        streams,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 

@@ -231,7 +231,9 @@ def test_chat_stream_logprobs_equal_the_whole_answer(app):
         for entry in choice["logprobs"]["content"]
     ]
     assert [e["token"] for e in streamed] == [e["token"] for e in whole]
-    assert [e["logprob"] for e in streamed] == pytest.approx([e["logprob"] for e in whole], abs=1e-5)
+    # The second request may reuse the first's cached prompt blocks and run in another batch
+    # shape: float32 sums in another order differ around the fifth decimal (1.6e-5 seen).
+    assert [e["logprob"] for e in streamed] == pytest.approx([e["logprob"] for e in whole], abs=1e-4)
 
 
 def test_byte_tokens_show_as_bytes(app):
