@@ -251,13 +251,11 @@ def run_in_process(model, tokenizer, prompts, progress: bool = True) -> list[Req
 # ---------------------------------------------------------------------------- the server
 
 
-def create_app(model, tokenizer, model_name: str = "llama-baseline"):
-    """The tutorial's api.py (POST /) plus a streaming /v1/completions for the benchmark."""
+def create_app(model, tokenizer, worker: ThreadPoolExecutor, model_name: str = "llama-baseline"):
+    """The tutorial's api.py (POST /) plus a streaming /v1/completions for the benchmark.
+    ``worker`` (one thread) runs every ``generate``: the thread that built the model (see main)."""
     app = FastAPI(title="tutorial baseline (transformers generate)")
     lock = threading.Lock()  # one generation at a time, as the tutorial's blocking handler
-    # One worker thread, always the same (as our server's engine thread): a new thread would
-    # start a new OpenMP team of its own, and idle teams still spin for a while.
-    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
 
     def locked(input_ids: list[int], max_new_tokens: int, streamer=None) -> list[int]:
         with lock:
@@ -423,7 +421,12 @@ def main(argv=None) -> int:
         return 0
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
     tokenizer = load_tokenizer(args.tokenizer)
-    model, description = build_model(raw, args.heads, dtype, args.device, args.seed)
+    # The model is built on the thread that will run it, as our server builds its engine: OpenMP
+    # gives each thread that uses it a pool of its own, and with two pools on the machine libgomp
+    # puts idle workers to sleep after every kernel, 30-50% slower on 2 cores.
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate") if args.command == "serve" else None
+    build = (raw, args.heads, dtype, args.device, args.seed)
+    model, description = worker.submit(build_model, *build).result() if worker else build_model(*build)
     print(
         f"baseline LlamaForCausalLM: {description['parameters']:,} parameters "
         f"(OpenELM shape: {description['openelm_parameters']:,}), {description['num_attention_heads']} heads / "
@@ -434,7 +437,7 @@ def main(argv=None) -> int:
     if args.command == "serve":
         import uvicorn
 
-        uvicorn.run(create_app(model, tokenizer), host=args.host, port=args.port, log_level="warning")
+        uvicorn.run(create_app(model, tokenizer, worker), host=args.host, port=args.port, log_level="warning")
         return 0
     prompts = build_prompts(
         args.num_requests, parse_range(args.input_len), parse_range(args.output_len), args.prompt_seed, tokenizer
