@@ -17,6 +17,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ import torch
 
 from openelm_server.engine.config import EngineConfig
 from openelm_server.engine.core import EngineCore, EngineStats, StepError
+from openelm_server.engine.host_memory import release_free_host_memory
 from openelm_server.engine.output import EngineError, GenerationEvent, OutputBuilder, RequestOutput
 from openelm_server.engine.request import FinishReason, Request
 from openelm_server.engine.sampling import SamplingParams, new_generator
@@ -33,6 +35,9 @@ from openelm_server.model.kv_cache import BLOCK_SIZE
 from openelm_server.model.openelm import OpenELM
 
 log = logging.getLogger(__name__)
+
+# While busy, the C heap's free pages go back this often (each time about 1 ms); when it goes idle, at once.
+HOST_MEMORY_RELEASE_SECONDS = 10.0
 
 
 class QueueFullError(Exception):
@@ -204,10 +209,14 @@ class Engine:
 
     def _run(self) -> None:
         busy = False
+        next_host_release = time.monotonic() + HOST_MEMORY_RELEASE_SECONDS
         while not self._stopping:
             if busy and not self.core.has_work:
                 self._release_cached_memory()
                 busy = False
+            elif busy and time.monotonic() >= next_host_release:
+                release_free_host_memory()
+                next_host_release = time.monotonic() + HOST_MEMORY_RELEASE_SECONDS
             self._read_inbox(wait=not self.core.has_work)
             if not self.core.has_work:
                 continue
@@ -289,6 +298,7 @@ class Engine:
     def _release_cached_memory(self) -> None:
         # The tutorial emptied the CUDA cache after every call; doing it only when idle keeps
         # that promise without slowing a batch.
+        release_free_host_memory()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.ipc_collect()
