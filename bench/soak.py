@@ -215,7 +215,9 @@ async def one_request(client: httpx.AsyncClient, kind: str, rng: random.Random, 
             whole = "".join(text)
             if path != "/":
                 # Events are parsed: a random-weight model's text may well contain the word "error".
-                events = [json.loads(line[6:]) for line in whole.splitlines() if line.startswith("data: {")]
+                # SSE lines end at "\n" only; str.splitlines would also cut at U+2028 and the like,
+                # which a random-weight model's text contains and JSON carries unescaped.
+                events = [json.loads(line[6:]) for line in whole.split("\n") if line.startswith("data: {")]
                 if any("error" in event for event in events) or not whole.rstrip().endswith("data: [DONE]"):
                     return result("stream-error", False, ttft=ttft, detail=whole[-200:])
                 for event in events:
