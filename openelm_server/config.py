@@ -357,7 +357,8 @@ def load_settings(argv: Sequence[str] | None = None, environ: dict[str, str] | N
             f"--quantization {settings.quantization} every linear layer is {settings.quantization}: drop one of them"
         )
     if settings.speculative not in SPECULATIVE_METHODS:
-        parser.error(f"--speculative must be none, ngram or draft, got {settings.speculative!r}")
+        *others, last = SPECULATIVE_METHODS
+        parser.error(f"--speculative must be {', '.join(others)} or {last}, got {settings.speculative!r}")
     if settings.draft_model_path is not None and settings.speculative == "none":
         settings = dataclasses.replace(settings, speculative="draft")
     if settings.speculative == "draft" and settings.draft_model_path is None:
