@@ -10,7 +10,6 @@ that has gone.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -160,7 +159,7 @@ def sse_response(chunks: AsyncIterator[str], streams: list[EventStream]) -> Engi
     )
 
 
-async def merge_streams(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
+async def merge_streams(streams: list[EventStream]) -> AsyncIterator[tuple[int, object]]:
     """Events of several requests as they come, tagged with the request's index."""
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
@@ -187,7 +186,4 @@ async def merge_streams(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int
         for task in tasks:
             task.cancel()
         for stream in streams:
-            # A pump still inside its stream (its cancel not yet delivered) cannot close it
-            # from here; the cancel closes it as it unwinds the stream.
-            with contextlib.suppress(RuntimeError):
-                await stream.aclose()
+            stream.close()
