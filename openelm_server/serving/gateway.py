@@ -61,7 +61,7 @@ class EventStream:
     Invariant: once the route is done with it, the request ends. Closing (``aclose``) cancels the
     request whether or not anything was read yet, and so does a cancellation or error while
     reading: a response abandoned before its body started must not leave its generation running.
-    Its metrics are observed once, when it closes.
+    Its metrics are observed, and its speculative decoding logged, once, when it closes.
     """
 
     def __init__(self, stream: RequestStream, metrics: Metrics, timeout: float):
@@ -111,6 +111,13 @@ class EventStream:
             self._metrics.observe_generation(
                 event.prompt_tokens, event.completion_tokens, self._start, self._first_token, time.monotonic()
             )
+            if event.draft_tokens:
+                log.info(
+                    "speculative decoding: %d of %d proposed tokens accepted (%.0f%%)",
+                    event.accepted_tokens,
+                    event.draft_tokens,
+                    100 * event.accepted_tokens / event.draft_tokens,
+                )
 
     async def aclose(self) -> None:
         self.close()
