@@ -176,8 +176,9 @@ _OPTIONS: list[tuple[str, str, object, str]] = [
         "--kv-cache-tokens",
         "KV_CACHE_TOKENS",
         _positive_int,
-        "tokens the KV cache holds, all requests together (default: on CUDA what --gpu-memory-utilization "
-        "leaves; on the CPU max-batch-size x max-model-len, capped to a quarter of the free memory)",
+        "tokens the KV cache holds, all requests together; a draft model's cache holds as many (default: on "
+        "CUDA what --gpu-memory-utilization leaves; on the CPU max-batch-size x max-model-len, capped to a "
+        "quarter of the free memory; both count a draft model's weights and cache)",
     ),
     (
         "--max-num-batched-tokens",

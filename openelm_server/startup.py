@@ -142,9 +142,24 @@ GPU_MEMORY_UTILIZATION = 0.9
 CPU_MEMORY_FRACTION = 0.25
 
 
-def kv_cache_tokens_that_fit(model: OpenELM, settings: Settings, device: torch.device, dtype: torch.dtype) -> int:
-    """--kv-cache-tokens, or what fits the device's memory (see the flag's help)."""
-    per_token = KVCache.bytes_per_token(model.config.num_kv_heads, model.config.head_dim, dtype)
+def kv_cache_bytes_per_token(model: OpenELM, draft: OpenELM | None, dtype: torch.dtype) -> int:
+    """The memory one cached token takes: the model's keys and values in every layer, plus the
+    draft model's in its layers, since the draft caches the same tokens in a pool of its own laid
+    out by the same block tables (engine/speculative.py)."""
+    return sum(
+        KVCache.bytes_per_token(m.config.num_kv_heads, m.config.head_dim, dtype)
+        for m in (model, draft)
+        if m is not None
+    )
+
+
+def kv_cache_tokens_that_fit(
+    model: OpenELM, draft: OpenELM | None, settings: Settings, device: torch.device, dtype: torch.dtype
+) -> int:
+    """--kv-cache-tokens, or what fits the device's memory (see the flag's help) in the model's
+    cache and the draft's together. Called once both models are loaded: the free memory measured
+    here is what their weights left."""
+    per_token = kv_cache_bytes_per_token(model, draft, dtype)
     if settings.kv_cache_tokens is not None:
         tokens = settings.kv_cache_tokens
         reason = f"--kv-cache-tokens {tokens}"
@@ -158,13 +173,14 @@ def kv_cache_tokens_that_fit(model: OpenELM, settings: Settings, device: torch.d
         wanted = settings.max_batch_size * settings.max_model_len
         tokens = min(wanted, int(available_memory_bytes() * CPU_MEMORY_FRACTION // per_token))
         reason = f"--max-batch-size x --max-model-len = {wanted}, at most a quarter of the free memory"
+    caches = "the model's and the draft model's caches" if draft is not None else "the model's cache"
     if tokens < settings.max_model_len:
         raise StartupError(
-            f"{reason}: room for a KV cache of {max(tokens, 0)} tokens ({per_token / 1024:.0f} KiB each), "
-            f"less than one request of --max-model-len {settings.max_model_len}; lower --max-model-len "
+            f"{reason}: room for a KV cache of {max(tokens, 0)} tokens ({per_token / 1024:.0f} KiB each in "
+            f"{caches}), less than one request of --max-model-len {settings.max_model_len}; lower --max-model-len "
             "or set --kv-cache-tokens"
         )
-    log.info("KV cache sized to %d tokens (%.0f MiB) from %s", tokens, tokens * per_token / 2**20, reason)
+    log.info("KV cache sized to %d tokens (%.0f MiB in %s) from %s", tokens, tokens * per_token / 2**20, caches, reason)
     return tokens
 
 
@@ -273,6 +289,7 @@ def _build_engine(settings: Settings) -> tuple[Engine, object]:
             )
     if settings.compile and device.type == "cuda":
         compile_elementwise(model)
+    # Loaded before the KV cache is sized, so that the memory measured for it is what both models' weights leave.
     draft = None
     if settings.draft_model_path is not None:
         draft = load_openelm(settings.draft_model_path, device=device, dtype=dtype)
@@ -284,6 +301,6 @@ def _build_engine(settings: Settings) -> tuple[Engine, object]:
     settings = dataclasses.replace(settings, max_model_len=max_model_len)
     config = EngineConfig(
         **{field.name: getattr(settings, field.name) for field in dataclasses.fields(EngineConfig)}
-        | {"kv_cache_tokens": kv_cache_tokens_that_fit(model, settings, device, dtype)}
+        | {"kv_cache_tokens": kv_cache_tokens_that_fit(model, draft, settings, device, dtype)}
     )
     return Engine(model, tokenizer, config, draft), tokenizer

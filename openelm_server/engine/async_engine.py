@@ -131,13 +131,16 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         log.info(
-            "KV cache: %d tokens (%d blocks of %d), %.1f MiB on %s; up to %d requests at once, "
+            "KV cache: %d tokens (%d blocks of %d), %.1f MiB on %s%s; up to %d requests at once, "
             "%d tokens per step; prefix caching %s; decode %s; speculative decoding %s",
             (self.core.kv_cache.num_blocks - 1) * BLOCK_SIZE,
             self.core.kv_cache.num_blocks - 1,
             BLOCK_SIZE,
             self.core.kv_cache.nbytes / 2**20,
             self.device,
+            ""
+            if self.core.draft_proposer is None
+            else f", plus {self.core.draft_proposer.kv_cache.nbytes / 2**20:.1f} MiB in the draft model's cache",
             config.max_batch_size,
             self.core.scheduler.max_num_batched_tokens,
             "on" if config.prefix_caching else "off",
