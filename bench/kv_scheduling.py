@@ -158,10 +158,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--tokenizer", required=True)
-    parser.add_argument("--runs", default=",".join(RUNS))
+    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, of: {', '.join(RUNS)}")
     parser.add_argument("--server-flags", default="", help="extra flags for every server (one string)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    unknown = [name for name in args.runs.split(",") if name not in RUNS]
+    if unknown:
+        parser.error(f"--runs: unknown {', '.join(unknown)}; the runs are {', '.join(RUNS)}")
     report = {"machine": machine_info(), "model": model_info(args.model_dir), "runs": {}}
     for name in args.runs.split(","):
         run, flags = RUNS[name]
