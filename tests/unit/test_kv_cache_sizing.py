@@ -59,6 +59,19 @@ def cpu_settings(**fields) -> Settings:
     return Settings(model_path="unused", tokenizer_path="unused", device="cpu", **fields)
 
 
+def serving_settings(model_dir: Path, tokenizer_dir: Path, draft_dir: Path | None, **fields) -> Settings:
+    """What a server on the CPU starts with, speculating with ``draft_dir`` when there is one."""
+    return Settings(
+        model_path=str(model_dir),
+        tokenizer_path=str(tokenizer_dir),
+        draft_model_path=None if draft_dir is None else str(draft_dir),
+        speculative="none" if draft_dir is None else "draft",
+        device="cpu",
+        onednn_linear=False,
+        **fields,
+    )
+
+
 def test_a_cached_token_costs_the_models_keys_and_values_plus_the_drafts(models, own_model_dir, draft_dir):
     model, draft = models
     target_bytes = kv_bytes_per_token_from_config(own_model_dir, 4)
@@ -111,15 +124,7 @@ def test_too_little_memory_for_one_request_with_the_draft_names_both_caches(monk
 
 
 def test_an_explicit_kv_cache_tokens_is_that_many_tokens_in_both_caches(own_model_dir, own_tokenizer_dir, draft_dir):
-    settings = Settings(
-        model_path=str(own_model_dir),
-        tokenizer_path=str(own_tokenizer_dir),
-        draft_model_path=str(draft_dir),
-        speculative="draft",
-        device="cpu",
-        kv_cache_tokens=2048,
-        onednn_linear=False,
-    )
+    settings = serving_settings(own_model_dir, own_tokenizer_dir, draft_dir, kv_cache_tokens=2048)
     engine, _ = build_engine(settings)
     blocks = 1 + 2048 // BLOCK_SIZE
     assert engine.core.kv_cache.num_blocks == engine.core.draft_proposer.kv_cache.num_blocks == blocks
@@ -133,15 +138,7 @@ def test_an_explicit_kv_cache_tokens_is_that_many_tokens_in_both_caches(own_mode
 def test_the_start_up_log_says_whether_the_kv_cache_includes_the_drafts(
     caplog, own_model_dir, own_tokenizer_dir, draft_dir, with_draft
 ):
-    settings = Settings(
-        model_path=str(own_model_dir),
-        tokenizer_path=str(own_tokenizer_dir),
-        draft_model_path=str(draft_dir) if with_draft else None,
-        speculative="draft" if with_draft else "none",
-        device="cpu",
-        max_batch_size=2,
-        onednn_linear=False,
-    )
+    settings = serving_settings(own_model_dir, own_tokenizer_dir, draft_dir if with_draft else None, max_batch_size=2)
     with caplog.at_level(logging.INFO):
         build_engine(settings)
     per_token = kv_bytes_per_token_from_config(own_model_dir, 4)
@@ -171,14 +168,6 @@ def test_the_free_memory_is_measured_after_both_models_are_loaded(
 
     monkeypatch.setattr(startup, "load_openelm", load)
     monkeypatch.setattr(startup, "available_memory_bytes", available)
-    settings = Settings(
-        model_path=str(own_model_dir),
-        tokenizer_path=str(own_tokenizer_dir),
-        draft_model_path=str(draft_dir),
-        speculative="draft",
-        device="cpu",
-        max_batch_size=2,
-        onednn_linear=False,
-    )
+    settings = serving_settings(own_model_dir, own_tokenizer_dir, draft_dir, max_batch_size=2)
     build_engine(settings)
     assert events == [f"load {own_model_dir.name}", f"load {draft_dir.name}", "measure"]

@@ -23,6 +23,7 @@ from openelm_server.serving.openai.generation import (
     sse_event,
     sse_response,
     usage,
+    usage_event,
     usage_requested,
 )
 from openelm_server.serving.openai.logprobs import chat_logprobs
@@ -169,14 +170,5 @@ async def _chat_chunks(
         if event.finish_reason:
             yield chunk(index, {}, event.finish_reason)
     if include_usage:
-        yield sse_event(
-            {
-                "id": completion_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "choices": [],
-                "usage": usage(prompt_tokens, sum(completion_tokens)).model_dump(),
-            }
-        )
+        yield usage_event(completion_id, "chat.completion.chunk", created, model, prompt_tokens, sum(completion_tokens))
     yield sse_event("[DONE]")

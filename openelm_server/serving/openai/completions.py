@@ -22,6 +22,7 @@ from openelm_server.serving.openai.generation import (
     sse_event,
     sse_response,
     usage,
+    usage_event,
     usage_requested,
 )
 from openelm_server.serving.openai.logprobs import generated_logprobs, join_completion_logprobs, prompt_logprobs
@@ -188,14 +189,5 @@ async def _completion_chunks(
         if event.text or event.finish_reason or scored:
             yield chunk(index, event.text, event.finish_reason, scored)
     if include_usage:
-        yield sse_event(
-            {
-                "id": completion_id,
-                "object": "text_completion",
-                "created": created,
-                "model": model,
-                "choices": [],
-                "usage": usage(prompt_tokens, sum(completion_tokens)).model_dump(),
-            }
-        )
+        yield usage_event(completion_id, "text_completion", created, model, prompt_tokens, sum(completion_tokens))
     yield sse_event("[DONE]")

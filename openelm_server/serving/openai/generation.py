@@ -134,6 +134,22 @@ def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
     )
 
 
+def usage_event(
+    completion_id: str, chunk_object: str, created: int, model: str, prompt_tokens: int, completion_tokens: int
+) -> str:
+    """A stream's last chunk before [DONE] when the client asked for usage: no choices, the counts."""
+    return sse_event(
+        {
+            "id": completion_id,
+            "object": chunk_object,
+            "created": created,
+            "model": model,
+            "choices": [],
+            "usage": usage(prompt_tokens, completion_tokens).model_dump(),
+        }
+    )
+
+
 def usage_requested(body: OpenAIRequest) -> bool:
     """stream_options.include_usage: a last chunk with the usage, as OpenAI sends it."""
     return bool(body.stream_options and body.stream_options.include_usage)
