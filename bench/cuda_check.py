@@ -44,7 +44,7 @@ from openelm_server.engine.sampling import SamplingParams
 from openelm_server.model.config import OpenELMConfig
 from openelm_server.model.loader import load_openelm
 from openelm_server.model.openelm import ForwardBatch, OpenELM
-from openelm_server.model.quantize import Int8Linear, matmul_dtype
+from openelm_server.model.quantize import Int8Linear
 from openelm_server.startup import compile_elementwise
 from openelm_server.testing.checkpoints import published_config
 from openelm_server.tokenizer import load_tokenizer
@@ -487,35 +487,46 @@ def check_int8(fixtures: Path, device: torch.device) -> None:
 
 @torch.inference_mode()
 def time_int8_kernel(config: OpenELMConfig, device: torch.device, repeats: int) -> None:
-    """Where the int8 kernel stops paying: one 3B-shaped layer at each row count, the int8
-    kernel against the dequantized weight and against a plain bfloat16 weight."""
+    """Where the int8 kernel stops paying: one 3B-shaped layer at each row count, our Triton
+    kernel against PyTorch's int8 kernel, the dequantized weight and a plain bfloat16 weight."""
+    from openelm_server.model.int8_triton import int8_weight_matmul  # Triton: CUDA machines only
+
     generator = torch.Generator(device=device).manual_seed(3)
-    in_features = config.model_dim
-    out_features = 2 * max(config.ffn_dims)  # the widest layer: the FFN's gate and up projection
-    weight = 0.02 * torch.randn(out_features, in_features, generator=generator, device=device)
-    layer = Int8Linear.quantize(weight, "timing layer")
-    bf16_weight = weight.to(torch.bfloat16)
-    for rows in (1, 2, 4, 8, 16, 32, 64, 256):
-        x = torch.randn(rows, in_features, generator=generator, device=device).to(torch.bfloat16)
-        x_kernel = x.to(matmul_dtype(device))
-        kernel = cuda_time(lambda: torch.ops.aten._weight_int8pack_mm(x_kernel, layer.weight, layer.scales), repeats)
-        dequantized = cuda_time(lambda: torch.nn.functional.linear(x, layer.dequantized(x.dtype)), repeats)
-        plain = cuda_time(lambda: torch.nn.functional.linear(x, bf16_weight), repeats)
-        results["timings"].append(
-            {
-                "what": "int8 layer",
-                "shape": [out_features, in_features],
-                "rows": rows,
-                "int8_kernel_ms": kernel,
-                "dequantized_ms": dequantized,
-                "bfloat16_ms": plain,
-            }
-        )
-        print(
-            f"int8 layer {out_features}x{in_features}, {rows:3d} rows: int8 kernel {kernel:.3f} ms, "
-            f"dequantized {dequantized:.3f} ms, bfloat16 {plain:.3f} ms",
-            flush=True,
-        )
+    for out_features, in_features in (
+        (2 * max(config.ffn_dims), config.model_dim),  # the widest layer: the FFN's gate and up projection
+        (config.model_dim, max(config.ffn_dims)),  # the FFN's down projection: narrow and deep
+    ):
+        weight = 0.02 * torch.randn(out_features, in_features, generator=generator, device=device)
+        layer = Int8Linear.quantize(weight, "timing layer")
+        bf16_weight = weight.to(torch.bfloat16)
+        for rows in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+            x = torch.randn(rows, in_features, generator=generator, device=device).to(torch.bfloat16)
+            x_float = x.float()
+            ours = cuda_time(lambda: int8_weight_matmul(x, layer.weight, layer.scales), repeats)
+            pytorch = cuda_time(
+                lambda: torch.ops.aten._weight_int8pack_mm(x_float, layer.weight, layer.scales), repeats
+            )
+            dequantized = cuda_time(lambda: torch.nn.functional.linear(x, layer.dequantized(x.dtype)), repeats)
+            plain = cuda_time(lambda: torch.nn.functional.linear(x, bf16_weight), repeats)
+            error = relative_error(int8_weight_matmul(x, layer.weight, layer.scales), x @ layer.dequantized(x.dtype).T)
+            results["timings"].append(
+                {
+                    "what": "int8 layer",
+                    "shape": [out_features, in_features],
+                    "rows": rows,
+                    "triton_int8_ms": ours,
+                    "pytorch_int8_ms": pytorch,
+                    "dequantized_ms": dequantized,
+                    "bfloat16_ms": plain,
+                    "triton_rel_error": error,
+                }
+            )
+            print(
+                f"int8 layer {out_features}x{in_features}, {rows:3d} rows: ours {ours:.3f} ms, "
+                f"PyTorch int8 {pytorch:.3f} ms, dequantized {dequantized:.3f} ms, bfloat16 {plain:.3f} ms "
+                f"(ours against the dequantized product: {error:.1e})",
+                flush=True,
+            )
 
 
 def check_speculation(fixtures: Path, device: torch.device) -> None:
