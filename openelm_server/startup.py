@@ -246,6 +246,31 @@ def in_passing_thread(function: Callable[..., T], *args) -> T:
     return result[0]
 
 
+def load_served_model(path: str, settings: Settings, device: torch.device, dtype: torch.dtype, role: str) -> OpenELM:
+    """The model, or the draft, as the flags ask for both: ``--dtype``, ``--quantization``, and
+    on the CPU the linear kernels (timed on this model's own shapes, or forced by
+    ``--onednn-linear``). ``role`` starts its log lines ("" for the model)."""
+    model = load_openelm(path, device=device, dtype=dtype, quantization=settings.quantization)
+    if settings.quantization == "int8":
+        # int8 layers are no candidates for the float32 kernel choice below: there is no float weight left.
+        log.info(
+            "%slinear layers and the output layer in int8 with per-channel scales: %.0f MB",
+            role,
+            int8_megabytes(model),
+        )
+    elif can_use_onednn(model):
+        if settings.onednn_linear is None:
+            choose_linear_kernels(model, role)
+        elif settings.onednn_linear:
+            use_onednn_linears(model)
+            log.info(
+                "%slinear layers use oneDNN (--onednn-linear); the token embedding is held twice, %.0f MB extra",
+                role,
+                embedding_copy_megabytes(model),
+            )
+    return model
+
+
 def _build_engine(settings: Settings) -> tuple[Engine, object]:
     """The checks that need no weights run before the model loads, which takes minutes for 3B."""
     check_directories(settings)
@@ -271,28 +296,13 @@ def _build_engine(settings: Settings) -> tuple[Engine, object]:
     warn_if_slow_bfloat16(dtype, device, cpu_flags())
     if settings.quantization == "int8":
         check_int8_support(device)
-    model = load_openelm(settings.model_path, device=device, dtype=dtype, quantization=settings.quantization)
-    if settings.quantization == "int8":
-        # int8 layers are no candidates for the float32 kernel choice below: there is no float weight left.
-        log.info(
-            "linear layers and the output layer in int8 with per-channel scales: %.0f MB",
-            int8_megabytes(model),
-        )
-    elif can_use_onednn(model):
-        if settings.onednn_linear is None:
-            choose_linear_kernels(model)
-        elif settings.onednn_linear:
-            use_onednn_linears(model)
-            log.info(
-                "linear layers use oneDNN (--onednn-linear); the token embedding is held twice, %.0f MB extra",
-                embedding_copy_megabytes(model),
-            )
+    model = load_served_model(settings.model_path, settings, device, dtype, role="")
     if settings.compile and device.type == "cuda":
-        compile_elementwise(model)
+        compile_elementwise(model)  # rebinds the layers' shared functions: the draft's layers too
     # Loaded before the KV cache is sized, so that the memory measured for it is what both models' weights leave.
     draft = None
     if settings.draft_model_path is not None:
-        draft = load_openelm(settings.draft_model_path, device=device, dtype=dtype)
+        draft = load_served_model(settings.draft_model_path, settings, device, dtype, role="draft model: ")
         log.info("speculative decoding with the draft model in %s", settings.draft_model_path)
     max_model_len = min(settings.max_model_len, model.config.max_context_length)
     if max_model_len < settings.max_model_len:

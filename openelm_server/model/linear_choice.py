@@ -56,8 +56,9 @@ def time_steps(model: OpenELM) -> float:
     return total * 1e3
 
 
-def choose_linear_kernels(model: OpenELM) -> bool:
-    """Time PyTorch's linears, then oneDNN's, keep the faster; True when oneDNN was kept."""
+def choose_linear_kernels(model: OpenELM, role: str = "") -> bool:
+    """Time PyTorch's linears, then oneDNN's, keep the faster; True when oneDNN was kept.
+    ``role`` starts the log line (the draft model's choice is its own)."""
     plain_ms = time_steps(model)
     use_onednn_linears(model)
     onednn_ms = time_steps(model)
@@ -65,8 +66,9 @@ def choose_linear_kernels(model: OpenELM) -> bool:
     if not keep_onednn:
         use_plain_linears(model)
     log.info(
-        "linear kernels timed on this CPU (decode of %s sequences + a %d-token prefill): oneDNN %.0f ms, "
+        "%slinear kernels timed on this CPU (decode of %s sequences + a %d-token prefill): oneDNN %.0f ms, "
         "PyTorch %.0f ms; using %s (--onednn-linear / --no-onednn-linear to force one)%s",
+        role,
         " and ".join(map(str, DECODE_ROWS)),
         PREFILL_TOKENS,
         onednn_ms,
