@@ -156,8 +156,15 @@ class EngineCore:
         speculating = [s for s in scheduled if s.draft_ids]
         if not speculating:
             return scheduled
-        proposals = iter(self.draft_proposer.propose(speculating))
-        return [dataclasses.replace(s, draft_ids=tuple(next(proposals))) if s.draft_ids else s for s in scheduled]
+        proposals = iter(self.draft_proposer.propose(speculating, self.scheduler.max_num_batched_tokens))
+        with_proposals = []
+        for s in scheduled:
+            if s.draft_ids:
+                # Empty while the draft is still reading the request's prompt: the step is its one token.
+                proposed = tuple(next(proposals))
+                s = dataclasses.replace(s, draft_ids=proposed, num_tokens=1 + len(proposed))
+            with_proposals.append(s)
+        return with_proposals
 
     @staticmethod
     def _speculates(request: Request) -> bool:

@@ -11,7 +11,8 @@ paged KV cache of its own, laid out by the target's block tables: the blocks a r
 for the target hold its keys and values in the draft's cache too. ``num_draft_computed_tokens``
 of a request's tokens have their draft keys and values there (the scheduler resets it when the
 request loses its blocks, and rolls it back with the target's count), so each proposal first
-reads what the draft has not seen yet, then decodes K tokens greedily one by one.
+reads what the draft has not seen yet (no more than the step's token budget in all), then
+decodes K tokens greedily one by one.
 
 Invariant: the draft writes only into blocks the scheduler allocated for this step's tokens
 (positions below the request's last token + K), never beyond its block table.
@@ -52,20 +53,39 @@ class DraftProposer:
         self.kv_cache = draft.new_paged_kv_cache(num_blocks)
         self.runner = ModelRunner(draft, self.kv_cache, None)
 
-    def propose(self, scheduled: list[ScheduledRequest]) -> list[list[int]]:
+    def propose(self, scheduled: list[ScheduledRequest], token_budget: int) -> list[list[int]]:
         """For each decoding request scheduled with room for ``len(draft_ids)`` proposals (their
-        values are placeholders), the draft model's greedy next tokens."""
-        catch_up = []
-        for s in scheduled:
-            request = s.request
-            done = min(request.num_draft_computed_tokens, request.num_computed_tokens)
-            catch_up.append(ScheduledRequest(request, done, request.num_tokens - done))
-        logits = self.runner.run(catch_up, [[c.num_tokens - 1] for c in catch_up])
-        proposals = [[int(row[-1].argmax())] for row in logits]
-        for s in scheduled:
-            s.request.num_draft_computed_tokens = s.request.num_tokens
+        values are placeholders), the draft model's greedy next tokens.
+
+        First the draft reads what it has not seen of each request: usually the newest token,
+        but a whole prompt at a request's first decode (or after a preemption). It reads at most
+        ``token_budget`` tokens (the step's ``--max-num-batched-tokens``) in all, shortest
+        catch-ups first, so a long prompt never stalls a step more than the budget allows; a
+        request that has not caught up proposes nothing this step and goes on reading the next.
+        (A request that needs only its newest token is never left out: the scheduler lets
+        requests speculate only while the step's decodes are fewer than the budget.)"""
+        starts = [min(s.request.num_draft_computed_tokens, s.request.num_computed_tokens) for s in scheduled]
+        lags = [s.request.num_tokens - start for s, start in zip(scheduled, starts)]
+        reads = [0] * len(scheduled)
+        left = token_budget
+        for i in sorted(range(len(scheduled)), key=lags.__getitem__):
+            reads[i] = min(lags[i], left)
+            left -= reads[i]
+        reading = [i for i in range(len(scheduled)) if reads[i]]
+        ready = {i for i in reading if reads[i] == lags[i]}
+        logits = self.runner.run(
+            [ScheduledRequest(scheduled[i].request, starts[i], reads[i]) for i in reading],
+            [[reads[i] - 1] if i in ready else [] for i in reading],
+        )
+        proposals: list[list[int]] = [[] for _ in scheduled]
+        for i, rows in zip(reading, logits):
+            scheduled[i].request.num_draft_computed_tokens = starts[i] + reads[i]
+            if i in ready:
+                proposals[i].append(int(rows[-1].argmax()))
         for step in range(1, max(len(s.draft_ids) for s in scheduled)):
-            going = [i for i, s in enumerate(scheduled) if len(s.draft_ids) > step]
+            going = [i for i in sorted(ready) if len(scheduled[i].draft_ids) > step]
+            if not going:
+                break
             steps = [
                 ScheduledRequest(scheduled[i].request, scheduled[i].start + step, 1, (proposals[i][-1],)) for i in going
             ]

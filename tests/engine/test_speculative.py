@@ -350,3 +350,35 @@ def test_start_up_refuses_a_draft_of_another_vocabulary(shared_model_dir, own_mo
     )
     with pytest.raises(StartupError, match="--draft-model-path must share the model's tokenizer"):
         build_engine(settings)
+
+
+def test_the_draft_reads_a_long_prompt_within_the_step_token_budget(shared_model_dir, shared_tokenizer_dir):
+    """A request's first decode finds its whole prompt unread by the draft: the draft reads it
+    over several steps, at most --max-num-batched-tokens a step, proposing nothing meanwhile."""
+    ref = reference(shared_model_dir)
+    long_prompt = [token for case in ref["cases"] for token in case["prompt_ids"]] * 8
+    jobs = [(long_prompt[:100], greedy(24)), (ref["cases"][0]["prompt_ids"], greedy(24))]
+    plain = make_engine(shared_model_dir, shared_tokenizer_dir, max_num_batched_tokens=16)
+    try:
+        expected = run_together(plain, jobs)
+    finally:
+        plain.shutdown()
+    engine = self_drafting_engine(shared_model_dir, shared_tokenizer_dir, max_num_batched_tokens=16)
+    runner = engine.core.draft_proposer.runner
+    read_per_call = []
+    real_run = runner.run
+
+    def counting_run(scheduled, wanted):
+        read_per_call.append(sum(s.num_tokens for s in scheduled))
+        return real_run(scheduled, wanted)
+
+    runner.run = counting_run
+    try:
+        assert run_together(engine, jobs) == expected
+        stats = engine.stats()
+        assert stats.spec_draft_tokens > 0 and stats.spec_accepted_tokens == stats.spec_draft_tokens
+        assert_no_blocks_held(engine)
+    finally:
+        engine.shutdown()
+    assert max(read_per_call) <= 16
+    assert sum(read_per_call) >= 100  # the long prompt was read, over several steps
