@@ -275,8 +275,8 @@ _SWITCHES: list[tuple[str, str, str, str]] = [
         "--onednn-linear",
         "onednn_linear",
         "ONEDNN_LINEAR",
-        "on the CPU in float32, linear layers with oneDNN (--onednn-linear) or PyTorch's (--no-onednn-linear); "
-        "unset, both are timed at start-up and the faster kept",
+        "on the CPU in float32 (or bfloat16 where the CPU has bfloat16 instructions), linear layers with oneDNN "
+        "(--onednn-linear) or PyTorch's (--no-onednn-linear); unset, both are timed at start-up and the faster kept",
     ),
     (
         "--demo",
@@ -354,7 +354,7 @@ def load_settings(argv: Sequence[str] | None = None, environ: dict[str, str] | N
         parser.error(f"--quantization must be {' or '.join(QUANTIZATIONS)}, got {settings.quantization!r}")
     if settings.quantization != "none" and settings.onednn_linear is not None:
         parser.error(
-            f"--onednn-linear / --no-onednn-linear choose the kernel of float32 linear layers; with "
+            f"--onednn-linear / --no-onednn-linear choose the kernel of float linear layers; with "
             f"--quantization {settings.quantization} every linear layer is {settings.quantization}: drop one of them"
         )
     if settings.speculative not in SPECULATIVE_METHODS:

@@ -19,7 +19,12 @@ from openelm_server.engine.async_engine import Engine
 from openelm_server.engine.config import EngineConfig
 from openelm_server.listen import ListenError
 from openelm_server.model.config import CheckpointError, OpenELMConfig
-from openelm_server.model.cpu_linear import can_use_onednn, embedding_copy_megabytes, use_onednn_linears
+from openelm_server.model.cpu_linear import (
+    ONEDNN_NEEDS,
+    can_use_onednn,
+    embedding_copy_megabytes,
+    use_onednn_linears,
+)
 from openelm_server.model.kv_cache import KVCache
 from openelm_server.model.linear_choice import choose_linear_kernels
 from openelm_server.model.loader import checkpoint_files, load_openelm
@@ -257,6 +262,11 @@ def load_served_model(path: str, settings: Settings, device: torch.device, dtype
             "%slinear layers and the output layer in int8 with per-channel scales: %.0f MB",
             role,
             int8_megabytes(model),
+        )
+    elif settings.onednn_linear and not can_use_onednn(model):
+        raise StartupError(
+            f"--onednn-linear: {ONEDNN_NEEDS}; this server runs {str(dtype).removeprefix('torch.')} on {device}: "
+            "drop --onednn-linear"
         )
     elif can_use_onednn(model):
         if settings.onednn_linear is None:

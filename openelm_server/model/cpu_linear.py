@@ -5,7 +5,10 @@ running sequence) reads the weights far below the memory bandwidth, and slower s
 CPUs. oneDNN's inner product with weights reordered once at start-up does much better: on a
 2-core AMD EPYC, an OpenELM-270M float32 decode step went from 81 to 50 ms
 for one sequence, 146 to 84 ms for 4 and 159 to 126 ms for 16, and prefill got faster too.
-Only float32: oneDNN's bfloat16 path depends on CPU features that most machines lack.
+bfloat16 models use it too where oneDNN has a bfloat16 path on this CPU (AVX512-BF16, AMX or
+AVX-NE-CONVERT; PyTorch refuses it elsewhere): those are the CPUs where bfloat16 matmuls run on
+their own instructions, and timing decides there as for float32. Never for a float32 model:
+bfloat16 is a precision, chosen with ``--dtype``, not a kernel.
 """
 
 from __future__ import annotations
@@ -18,6 +21,11 @@ from torch import nn
 from openelm_server.model.openelm import OpenELM
 
 log = logging.getLogger(__name__)
+
+ONEDNN_NEEDS = (
+    "oneDNN linear layers need the CPU and a float32 model, or a bfloat16 one on a CPU with "
+    "bfloat16 instructions (AVX512-BF16, AMX or AVX-NE-CONVERT)"
+)
 
 
 class OneDnnLinear(nn.Module):
@@ -42,7 +50,11 @@ class OneDnnLinear(nn.Module):
 
 def can_use_onednn(model: OpenELM) -> bool:
     weight = model.transformer.token_embeddings.weight
-    return weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if weight.dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return weight.dtype == torch.float32
 
 
 def use_onednn_linears(model: OpenELM) -> None:
@@ -51,7 +63,7 @@ def use_onednn_linears(model: OpenELM) -> None:
     embedding matrix (the lookup still needs the plain one): that copy is the only extra memory
     (164 MB for 270M, 393 MB for 3B)."""
     if not can_use_onednn(model):
-        raise ValueError("oneDNN linear layers need a float32 model on the CPU with oneDNN available")
+        raise ValueError(ONEDNN_NEEDS)
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) and child.bias is None:

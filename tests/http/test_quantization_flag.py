@@ -60,7 +60,7 @@ def test_the_flag_and_its_env_twin():
         (
             ["--quantization", "int8", "--onednn-linear"],
             {},
-            "error: --onednn-linear / --no-onednn-linear choose the kernel of float32 linear layers; "
+            "error: --onednn-linear / --no-onednn-linear choose the kernel of float linear layers; "
             "with --quantization int8 every linear layer is int8",
         ),
     ],

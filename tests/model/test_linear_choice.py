@@ -1,5 +1,7 @@
 """The CPU's linear kernels: oneDNN and PyTorch timed on the loaded model at start-up, the faster
-kept, the weights held once either way, and the answers the same whichever wins."""
+kept, the weights held once either way, and the answers the same whichever wins. bfloat16 models
+get oneDNN only on CPUs with bfloat16 instructions (the bfloat16 tests take the branch this CPU
+allows: an AVX-512 or AMX machine runs oneDNN's bfloat16 path, others check the refusal)."""
 
 from __future__ import annotations
 
@@ -9,12 +11,13 @@ import pytest
 import torch
 from torch import nn
 
-from openelm_server.config import load_settings
+from openelm_server.config import Settings, load_settings
 from openelm_server.model import linear_choice
 from openelm_server.model.cpu_linear import OneDnnLinear, can_use_onednn, use_onednn_linears, use_plain_linears
 from openelm_server.model.linear_choice import choose_linear_kernels
 from openelm_server.model.loader import load_openelm
 from openelm_server.model.openelm import ForwardBatch, OpenELM
+from openelm_server.startup import StartupError, build_engine
 
 
 @torch.inference_mode()
@@ -74,3 +77,41 @@ def test_the_timing_runs_on_the_real_model(model):
 )
 def test_unset_means_timed_and_flags_force_one(argv, environ, expected):
     assert load_settings(argv, environ).onednn_linear is expected
+
+
+BF16_ONEDNN = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def test_a_bfloat16_model_uses_onednn_exactly_where_the_cpu_has_bfloat16_instructions(own_model_dir):
+    model = load_openelm(own_model_dir, dtype=torch.bfloat16)
+    assert can_use_onednn(model) == BF16_ONEDNN
+    if not BF16_ONEDNN:
+        with pytest.raises(ValueError, match="bfloat16 instructions"):
+            use_onednn_linears(model)
+        return
+    expected = last_logits(model).float()
+    use_onednn_linears(model)
+    assert kernels(model) == {OneDnnLinear}
+    got = last_logits(model).float()
+    # Both sum bfloat16 products in float32; they may round the output apart by a bfloat16 step.
+    assert (got - expected).norm() / expected.norm() < 2e-2
+
+
+def test_onednn_forced_where_it_cannot_run_stops_the_start_up(own_model_dir, own_tokenizer_dir):
+    settings = Settings(
+        model_path=str(own_model_dir),
+        tokenizer_path=str(own_tokenizer_dir),
+        device="cpu",
+        dtype="bfloat16",
+        onednn_linear=True,
+        max_batch_size=2,
+        max_model_len=64,
+    )
+    if BF16_ONEDNN:
+        engine, _ = build_engine(settings)
+        assert kernels(engine.core.model) == {OneDnnLinear}
+        return
+    with pytest.raises(
+        StartupError, match="--onednn-linear: .* this server runs bfloat16 on cpu: drop --onednn-linear"
+    ):
+        build_engine(settings)
