@@ -35,7 +35,7 @@ from openelm_server.engine.runner import ModelRunner
 from openelm_server.engine.sampling import SamplingRow, sample
 from openelm_server.engine.scheduler import ScheduledRequest, Scheduler
 from openelm_server.engine.speculative import DraftProposer, propose_ngram
-from openelm_server.model.kv_cache import BLOCK_SIZE
+from openelm_server.model.kv_cache import BLOCK_SIZE, KVCache
 from openelm_server.model.openelm import OpenELM
 
 log = logging.getLogger(__name__)
@@ -80,16 +80,27 @@ class EngineCore:
         self.scheduler = Scheduler(
             self.block_manager, config.max_batch_size, config.resolved_max_num_batched_tokens(device.type)
         )
-        static_decoder = None
-        if config.cuda_graphs and device.type == "cuda":
-            max_blocks = -(-config.max_model_len // BLOCK_SIZE)
-            static_decoder = StaticDecoder(model, self.kv_cache, config.max_batch_size, max_blocks, capture=True)
-            with torch.inference_mode():
-                static_decoder.capture_all()
-        self.runner = ModelRunner(model, self.kv_cache, static_decoder)
-        self.draft_proposer = None if draft is None else DraftProposer(draft, num_blocks)
+        graphs = config.cuda_graphs and device.type == "cuda"
+        # Verifying proposals computes the newest token and up to K proposed ones per request.
+        query_lengths = (1,) if config.speculative == "none" else (1, 1 + config.num_speculative_tokens)
+        self.runner = ModelRunner(
+            model, self.kv_cache, self._captured_decoder(model, self.kv_cache, query_lengths) if graphs else None
+        )
+        self.draft_proposer = None
+        if draft is not None:
+            draft_cache = draft.new_paged_kv_cache(num_blocks)
+            self.draft_proposer = DraftProposer(
+                ModelRunner(draft, draft_cache, self._captured_decoder(draft, draft_cache, (1,)) if graphs else None)
+            )
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
+
+    def _captured_decoder(self, model: OpenELM, kv_cache: KVCache, query_lengths: tuple[int, ...]) -> StaticDecoder:
+        max_blocks = -(-self.config.max_model_len // BLOCK_SIZE)
+        decoder = StaticDecoder(model, kv_cache, self.config.max_batch_size, max_blocks, True, query_lengths)
+        with torch.inference_mode():
+            decoder.capture_all()
+        return decoder
 
     @property
     def has_work(self) -> bool:

@@ -26,20 +26,16 @@ class ModelRunner:
     def run(self, scheduled: list[ScheduledRequest], wanted: list[list[int]]) -> list[torch.Tensor]:
         """Computes the scheduled tokens; returns, per scheduled request, the logits [len(w), vocab]
         at the offsets ``w = wanted[i]`` of its tokens this step."""
-        decodes = [i for i, s in enumerate(scheduled) if s.num_tokens == 1]
-        chunks = [i for i, s in enumerate(scheduled) if s.num_tokens > 1]
-        if (
-            self.static_decoder is not None
-            and not chunks
-            and len(decodes) <= self.static_decoder.max_rows
-            and all(w == [0] for w in wanted)
-        ):
-            logits = self.static_decoder.decode(
-                [s.request.token_ids[s.start] for s in scheduled],
+        if self._static_shapes_fit(scheduled):
+            logits = self.static_decoder.run(
+                [s.token_ids for s in scheduled],
                 [s.start for s in scheduled],
                 [s.request.block_ids for s in scheduled],
             )
-            return [logits[i : i + 1] for i in range(len(scheduled))]
+            # Slices where the offsets run from 0 (decodes, verify steps): views, no index kernels.
+            return [logits[i, : len(w)] if w == list(range(len(w))) else logits[i, w] for i, w in enumerate(wanted)]
+        decodes = [i for i, s in enumerate(scheduled) if s.num_tokens == 1]
+        chunks = [i for i, s in enumerate(scheduled) if s.num_tokens > 1]
         order = decodes + chunks
         offsets: dict[int, int] = {}
         tokens: list[int] = []
@@ -74,6 +70,16 @@ class ModelRunner:
             return [hidden.new_empty(0, 0)] * len(scheduled)
         logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)])
         return list(logits.split([len(w) for w in wanted]))
+
+    def _static_shapes_fit(self, scheduled: list[ScheduledRequest]) -> bool:
+        """A static step holds this one: no more requests than its rows, and each computes no
+        more tokens than a row holds (a decode, a verify step, a short end of a prompt)."""
+        static = self.static_decoder
+        return (
+            static is not None
+            and len(scheduled) <= static.max_rows
+            and all(s.num_tokens <= static.max_query_length for s in scheduled)
+        )
 
     def _group(self, start: int, rows: list[ScheduledRequest], positions: torch.Tensor) -> AttentionGroup:
         width = max(-(-(s.start + s.num_tokens) // self.kv_cache.block_size) for s in rows)

@@ -24,7 +24,6 @@ import numpy as np
 
 from openelm_server.engine.runner import ModelRunner
 from openelm_server.engine.scheduler import ScheduledRequest
-from openelm_server.model.openelm import OpenELM
 
 # The longest suffix looked up; shorter ones are tried when it does not occur earlier.
 MAX_NGRAM = 3
@@ -48,10 +47,12 @@ def propose_ngram(token_ids: list[int], num_tokens: int, max_ngram: int = MAX_NG
 
 
 class DraftProposer:
-    def __init__(self, draft: OpenELM, num_blocks: int):
-        self.model = draft
-        self.kv_cache = draft.new_paged_kv_cache(num_blocks)
-        self.runner = ModelRunner(draft, self.kv_cache, None)
+    def __init__(self, runner: ModelRunner):
+        """``runner`` runs the draft model over its own cache, with as many blocks as the model's;
+        on CUDA its one-token steps replay graphs, as the model's do."""
+        self.runner = runner
+        self.model = runner.model
+        self.kv_cache = runner.kv_cache
 
     def propose(self, scheduled: list[ScheduledRequest], token_budget: int) -> list[list[int]]:
         """For each decoding request scheduled with room for ``len(draft_ids)`` proposals (their

@@ -19,6 +19,7 @@ from engine_helpers import assert_no_blocks_held, greedy, make_engine, reference
 from openelm_server.engine import core
 from openelm_server.engine.async_engine import Engine
 from openelm_server.engine.config import EngineConfig
+from openelm_server.engine.cuda_graphs import StaticDecoder
 from openelm_server.engine.sampling import SamplingParams
 from openelm_server.engine.speculative import propose_ngram
 from openelm_server.model.loader import load_openelm
@@ -382,3 +383,60 @@ def test_the_draft_reads_a_long_prompt_within_the_step_token_budget(shared_model
         engine.shutdown()
     assert max(read_per_call) <= 16
     assert sum(read_per_call) >= 100  # the long prompt was read, over several steps
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_verify_steps_and_draft_steps_through_static_shapes_answer_alike(
+    shared_model_dir, shared_tokenizer_dir, method
+):
+    """The CUDA-graph path of speculation, run eagerly: a verify step (each request's newest
+    token and its proposals, rows padded to 1 + K tokens) and the draft's one-token steps go
+    through static decoders, and the answers stay the reference's."""
+    ref = reference(shared_model_dir)
+    jobs = [(case["prompt_ids"], greedy(ref["new_tokens"])) for case in ref["cases"]]
+    expected = [case["greedy_ids"] for case in ref["cases"]]
+    if method == "draft":
+        engine = self_drafting_engine(shared_model_dir, shared_tokenizer_dir, num_speculative_tokens=3)
+    else:
+        engine = make_engine(
+            shared_model_dir, shared_tokenizer_dir, max_batch_size=8, speculative="ngram", num_speculative_tokens=3
+        )
+    core = engine.core
+    static = StaticDecoder(core.model, core.kv_cache, 8, 16, capture=False, query_lengths=(1, 4))
+    tokens_per_row = []
+    real_run = static.run
+
+    def recording_run(token_rows, starts, block_tables):
+        tokens_per_row.extend(len(row) for row in token_rows)
+        return real_run(token_rows, starts, block_tables)
+
+    static.run = recording_run
+    core.runner.static_decoder = static
+    draft_steps = []
+    if method == "draft":
+        draft_runner = core.draft_proposer.runner
+        draft_static = StaticDecoder(draft_runner.model, draft_runner.kv_cache, 8, 16, capture=False)
+        real_draft_run = draft_static.run
+
+        def recording_draft_run(token_rows, starts, block_tables):
+            draft_steps.append(len(token_rows))
+            return real_draft_run(token_rows, starts, block_tables)
+
+        draft_static.run = recording_draft_run
+        draft_runner.static_decoder = draft_static
+    try:
+        assert run_together(engine, jobs * 2) == expected * 2
+        stats = engine.stats()
+        assert stats.spec_draft_tokens > 0
+        if method == "draft":
+            assert stats.spec_accepted_tokens == stats.spec_draft_tokens
+        assert_no_blocks_held(engine)
+    finally:
+        engine.shutdown()
+    # Verify steps ran through the static decoder: a self-draft always proposes K (rows of 4);
+    # n-gram proposals vary, so rows of 1 to 4 tokens were padded to 4 in the same steps.
+    assert 4 in tokens_per_row
+    if method == "ngram":
+        assert 1 in tokens_per_row and {2, 3} & set(tokens_per_row)
+    else:
+        assert draft_steps  # the draft's one-token steps too
