@@ -216,11 +216,4 @@ def test_onednn_linears_match_pytorch_and_keep_the_cache_consistent(tmp_path, ow
     )
 
 
-def test_onednn_is_only_for_float32_on_the_cpu(own_model_dir):
-    model = load_openelm(own_model_dir, dtype=torch.bfloat16)
-    assert not can_use_onednn(model)
-    with pytest.raises(ValueError, match="float32 model on the CPU"):
-        use_onednn_linears(model)
-
-
 # ---- what the loader refuses, and how it says so --------------------------------------------
