@@ -529,6 +529,54 @@ def time_int8_kernel(config: OpenELMConfig, device: torch.device, repeats: int) 
             )
 
 
+@torch.inference_mode()
+def tune_int8_kernel(config: OpenELMConfig, device: torch.device, repeats: int) -> None:
+    """Other cuts of our int8 kernel against its default one, per layer shape and row count:
+    the fastest found, its time, the default's and bfloat16's (what to change config_for to)."""
+    from openelm_server.model.int8_triton import KernelConfig, config_for, int8_weight_matmul
+
+    generator = torch.Generator(device=device).manual_seed(4)
+    for out_features, in_features in (
+        (2 * max(config.ffn_dims), config.model_dim),
+        (config.model_dim, max(config.ffn_dims)),
+    ):
+        weight = 0.02 * torch.randn(out_features, in_features, generator=generator, device=device)
+        layer = Int8Linear.quantize(weight, "tuning layer")
+        bf16_weight = weight.to(torch.bfloat16)
+        for rows in (1, 8, 64):
+            x = torch.randn(rows, in_features, generator=generator, device=device).to(torch.bfloat16)
+            default = config_for(rows, out_features, in_features)
+            timed = {}
+            for block_n in (16, 32, 64, 128):
+                for block_k in (128, 256):
+                    for split_k in (1, 2, 4, 8):
+                        for num_warps in (4, 8):
+                            cut = KernelConfig(default.block_m, block_n, block_k, split_k, num_warps)
+                            timed[cut] = cuda_time(
+                                lambda: int8_weight_matmul(x, layer.weight, layer.scales, cut), repeats
+                            )
+            best = min(timed, key=timed.get)
+            plain = cuda_time(lambda: torch.nn.functional.linear(x, bf16_weight), repeats)
+            results["timings"].append(
+                {
+                    "what": "int8 cuts",
+                    "shape": [out_features, in_features],
+                    "rows": rows,
+                    "best": best.__dict__,
+                    "best_ms": timed[best],
+                    "default": default.__dict__,
+                    "default_ms": timed.get(default, float("nan")),
+                    "bfloat16_ms": plain,
+                    "every_cut": [{**cut.__dict__, "ms": ms} for cut, ms in timed.items()],
+                }
+            )
+            print(
+                f"int8 cuts {out_features}x{in_features}, {rows:2d} rows: best {best} {timed[best]:.3f} ms, "
+                f"default {timed.get(default, float('nan')):.3f} ms, bfloat16 {plain:.3f} ms",
+                flush=True,
+            )
+
+
 def check_speculation(fixtures: Path, device: torch.device) -> None:
     """Greedy answers unchanged with speculation on CUDA: n-gram, and the fixture as its own
     draft, which must have every proposal accepted."""
@@ -576,6 +624,11 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--out", default=None, help="write the results as JSON")
     parser.add_argument("--quick", action="store_true", help="no kernel profiles, and step timings only as served")
+    parser.add_argument(
+        "--tune-int8",
+        action="store_true",
+        help="then time 64 cuts of the int8 kernel per layer shape and row count (about a minute, mostly compiling)",
+    )
     parser.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
@@ -632,6 +685,8 @@ def main(argv=None) -> int:
     int8 = quantize_in_place(model)
     torch.cuda.empty_cache()
     time_steps(int8, batches, args.context, args.repeats, read, "int8" + fused)
+    if args.tune_int8:
+        tune_int8_kernel(config, device, max(5, args.repeats // 3))
     results["seconds"] = time.perf_counter() - started
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
