@@ -23,6 +23,7 @@ from openelm_server.model.cpu_linear import (
     ONEDNN_NEEDS,
     can_use_onednn,
     embedding_copy_megabytes,
+    onednn_runs,
     use_onednn_linears,
 )
 from openelm_server.model.kv_cache import KVCache
@@ -263,11 +264,6 @@ def load_served_model(path: str, settings: Settings, device: torch.device, dtype
             role,
             int8_megabytes(model),
         )
-    elif settings.onednn_linear and not can_use_onednn(model):
-        raise StartupError(
-            f"--onednn-linear: {ONEDNN_NEEDS}; this server runs {str(dtype).removeprefix('torch.')} on {device}: "
-            "drop --onednn-linear"
-        )
     elif can_use_onednn(model):
         if settings.onednn_linear is None:
             choose_linear_kernels(model, role)
@@ -306,6 +302,11 @@ def _build_engine(settings: Settings) -> tuple[Engine, object]:
     warn_if_slow_bfloat16(dtype, device, cpu_flags())
     if settings.quantization == "int8":
         check_int8_support(device)
+    if settings.onednn_linear and not onednn_runs(device, dtype):
+        raise StartupError(
+            f"--onednn-linear: {ONEDNN_NEEDS}; this server runs {str(dtype).removeprefix('torch.')} on {device}: "
+            "drop --onednn-linear"
+        )
     model = load_served_model(settings.model_path, settings, device, dtype, role="")
     if settings.compile and device.type == "cuda":
         compile_elementwise(model)  # rebinds the layers' shared functions: the draft's layers too

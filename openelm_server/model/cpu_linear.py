@@ -48,13 +48,18 @@ class OneDnnLinear(nn.Module):
         return out.view(*x.shape[:-1], self.out_features)
 
 
+def onednn_runs(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether oneDNN linear layers can hold a model of ``dtype`` on ``device`` (see above)."""
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return dtype == torch.float32
+
+
 def can_use_onednn(model: OpenELM) -> bool:
     weight = model.transformer.token_embeddings.weight
-    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return False
-    if weight.dtype == torch.bfloat16:
-        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return weight.dtype == torch.float32
+    return onednn_runs(weight.device, weight.dtype)
 
 
 def use_onednn_linears(model: OpenELM) -> None:
