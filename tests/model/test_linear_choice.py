@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from openelm_server import startup
 from openelm_server.config import Settings, load_settings
 from openelm_server.model import linear_choice
 from openelm_server.model.cpu_linear import OneDnnLinear, can_use_onednn, use_onednn_linears, use_plain_linears
@@ -97,7 +98,9 @@ def test_a_bfloat16_model_uses_onednn_exactly_where_the_cpu_has_bfloat16_instruc
     assert (got - expected).norm() / expected.norm() < 2e-2
 
 
-def test_onednn_forced_where_it_cannot_run_stops_the_start_up(own_model_dir, own_tokenizer_dir):
+def test_onednn_forced_where_it_cannot_run_stops_the_start_up_before_the_load(
+    own_model_dir, own_tokenizer_dir, monkeypatch
+):
     settings = Settings(
         model_path=str(own_model_dir),
         tokenizer_path=str(own_tokenizer_dir),
@@ -111,6 +114,11 @@ def test_onednn_forced_where_it_cannot_run_stops_the_start_up(own_model_dir, own
         engine, _ = build_engine(settings)
         assert kernels(engine.core.model) == {OneDnnLinear}
         return
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the flag was refused")
+
+    monkeypatch.setattr(startup, "load_openelm", no_load)
     with pytest.raises(
         StartupError, match="--onednn-linear: .* this server runs bfloat16 on cpu: drop --onednn-linear"
     ):
