@@ -302,6 +302,48 @@ def test_static_decode_steps_equal_dynamic_ones(own_model_dir, own_tokenizer_dir
         engine.shutdown()
 
 
+def test_short_prompt_chunks_and_prompt_logprobs_through_static_shapes_answer_alike(own_model_dir, own_tokenizer_dir):
+    """A static step takes any row of up to its query length: with rows of up to 4 tokens, the
+    short ends of chunked prompts go through it too, some wanting only their last logits and
+    some every position's (prompt logprobs). Tokens and logprobs are those of the plain path."""
+    from openelm_server.engine.cuda_graphs import StaticDecoder
+
+    engine = make_engine(own_model_dir, own_tokenizer_dir, max_batch_size=6, max_num_batched_tokens=6)
+    try:
+        rng = random.Random(7)
+        prompts = [[1] + [rng.randrange(3, 300) for _ in range(length)] for length in (2, 6, 9, 13, 17)]
+        jobs = [(p, greedy(6)) for p in prompts] + [(prompts[3], greedy(4, logprobs=1, prompt_logprobs=1))]
+
+        async def collect(prompt_ids, params):
+            return [event async for event in engine.generate(prompt_ids, params)]
+
+        async def together():
+            return await asyncio.gather(*(collect(p, params) for p, params in jobs))
+
+        def tokens_and_logprobs(results):
+            tokens = [[t for e in events for t in e.token_ids] for events in results]
+            prompt_scores = [lp.logprob for lp in results[-1][0].prompt_logprobs[1:]]
+            return tokens, prompt_scores
+
+        expected_tokens, expected_scores = tokens_and_logprobs(asyncio.run(together()))
+        static_decoder = StaticDecoder(engine.model, engine.core.kv_cache, 6, 16, capture=False, query_lengths=(1, 4))
+        rows_per_step = []
+        real_run = static_decoder.run
+
+        def recording_run(token_rows, starts, block_tables):
+            rows_per_step.append([len(row) for row in token_rows])
+            return real_run(token_rows, starts, block_tables)
+
+        static_decoder.run = recording_run
+        engine.core.runner.static_decoder = static_decoder
+        tokens, scores = tokens_and_logprobs(asyncio.run(together()))
+    finally:
+        engine.shutdown()
+    assert tokens == expected_tokens
+    assert scores == pytest.approx(expected_scores, abs=1e-4)
+    assert any(max(rows) > 1 for rows in rows_per_step)  # prompt ends of 2-4 tokens went static
+
+
 def test_gpu_cache_is_released_when_the_engine_goes_idle_not_between_overlapping_requests(
     own_model_dir, own_tokenizer_dir
 ):
