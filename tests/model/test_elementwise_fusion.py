@@ -44,8 +44,8 @@ def test_every_layer_uses_the_fused_functions_until_switched_back(own_model_dir,
     finally:
         fuse_elementwise(False)
     layers = model.config.num_layers
-    # per layer: attention and FFN norms, q and k norms; the final norm; rotary on q and k; SwiGLU
-    assert calls == {"rms_norm": 4 * layers + 1, "rotate": 2 * layers, "silu_and_mul": layers}
+    # per layer: attention and FFN norms; q and k normed and rotated together; SwiGLU; the final norm
+    assert calls == {"rms_norm": 2 * layers + 1, "norm_and_rotate": layers, "silu_and_mul": layers}
     assert torch.equal(fused, plain)
     calls.clear()
     last_logits(model)
