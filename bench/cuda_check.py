@@ -34,6 +34,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -112,15 +113,31 @@ def engine_greedy(engine: Engine, prompts: list[list[int]], new_tokens: int) -> 
     return outputs
 
 
+class SharedReference(NamedTuple):
+    """The shared fixture's model, tokenizer and greedy reference, as the checks read them."""
+
+    model_dir: Path
+    tokenizer_dir: Path
+    cases: list
+    prompts: list
+    new_tokens: int
+
+    @classmethod
+    def read(cls, fixtures: Path, checks: str) -> SharedReference | None:
+        """None (and a SKIP line naming ``checks``) where the fixture is not there."""
+        model_dir, tokenizer_dir = fixtures / "openelm-tiny", fixtures / "llama2-tokenizer"
+        if not (model_dir / "reference.json").is_file():
+            print(f"SKIP  {checks} checks: {model_dir}/reference.json not found", flush=True)
+            return None
+        cases = json.loads((model_dir / "reference.json").read_text())["cases"]
+        return cls(model_dir, tokenizer_dir, cases, [c["prompt_ids"] for c in cases], len(cases[0]["greedy_ids"]))
+
+
 def check_reference(fixtures: Path, device: torch.device, label: str = "") -> None:
-    model_dir, tokenizer_dir = fixtures / "openelm-tiny", fixtures / "llama2-tokenizer"
-    if not (model_dir / "reference.json").is_file():
-        print(f"SKIP  reference checks: {model_dir}/reference.json not found", flush=True)
+    reference = SharedReference.read(fixtures, "reference")
+    if reference is None:
         return
-    reference = json.loads((model_dir / "reference.json").read_text())
-    cases = reference["cases"]
-    prompts = [c["prompt_ids"] for c in cases]
-    new_tokens = len(cases[0]["greedy_ids"])
+    model_dir, tokenizer_dir, cases, prompts, new_tokens = reference
     model = load_openelm(model_dir, device=device, dtype=torch.float32, show_progress=False)
     outputs, first_logits = greedy(model, prompts, new_tokens)
     token_matches = sum(o == c["greedy_ids"] for o, c in zip(outputs, cases))
@@ -452,13 +469,10 @@ def check_int8(fixtures: Path, device: torch.device) -> None:
     """int8 weights on CUDA against float32 on the shared fixture, eager and through the engine
     with CUDA graphs (decode steps of up to CUDA_KERNEL_MAX_ROWS rows use the int8 kernel, longer
     steps the dequantized weight)."""
-    model_dir, tokenizer_dir = fixtures / "openelm-tiny", fixtures / "llama2-tokenizer"
-    if not (model_dir / "reference.json").is_file():
-        print(f"SKIP  int8 checks: {model_dir}/reference.json not found", flush=True)
+    reference = SharedReference.read(fixtures, "int8")
+    if reference is None:
         return
-    cases = json.loads((model_dir / "reference.json").read_text())["cases"]
-    prompts = [c["prompt_ids"] for c in cases]
-    new_tokens = len(cases[0]["greedy_ids"])
+    model_dir, tokenizer_dir, cases, prompts, new_tokens = reference
     float32 = load_openelm(model_dir, device=device, dtype=torch.float32, show_progress=False)
     _, f32_logits = greedy(float32, prompts, new_tokens)
     del float32
@@ -485,6 +499,12 @@ def check_int8(fixtures: Path, device: torch.device) -> None:
         del int8
 
 
+def int8_layer_shapes(config: OpenELMConfig) -> list[tuple[int, int]]:
+    """(out, in) of the layers the int8 timings use: the widest (the FFN's gate and up
+    projection) and the narrowest, deepest (the FFN's down projection)."""
+    return [(2 * max(config.ffn_dims), config.model_dim), (config.model_dim, max(config.ffn_dims))]
+
+
 @torch.inference_mode()
 def time_int8_kernel(config: OpenELMConfig, device: torch.device, repeats: int) -> None:
     """Where the int8 kernel stops paying: one 3B-shaped layer at each row count, our Triton
@@ -492,10 +512,7 @@ def time_int8_kernel(config: OpenELMConfig, device: torch.device, repeats: int) 
     from openelm_server.model.int8_triton import int8_weight_matmul  # Triton: CUDA machines only
 
     generator = torch.Generator(device=device).manual_seed(3)
-    for out_features, in_features in (
-        (2 * max(config.ffn_dims), config.model_dim),  # the widest layer: the FFN's gate and up projection
-        (config.model_dim, max(config.ffn_dims)),  # the FFN's down projection: narrow and deep
-    ):
+    for out_features, in_features in int8_layer_shapes(config):
         weight = 0.02 * torch.randn(out_features, in_features, generator=generator, device=device)
         layer = Int8Linear.quantize(weight, "timing layer")
         bf16_weight = weight.to(torch.bfloat16)
@@ -536,10 +553,7 @@ def tune_int8_kernel(config: OpenELMConfig, device: torch.device, repeats: int) 
     from openelm_server.model.int8_triton import KernelConfig, config_for, int8_weight_matmul
 
     generator = torch.Generator(device=device).manual_seed(4)
-    for out_features, in_features in (
-        (2 * max(config.ffn_dims), config.model_dim),
-        (config.model_dim, max(config.ffn_dims)),
-    ):
+    for out_features, in_features in int8_layer_shapes(config):
         weight = 0.02 * torch.randn(out_features, in_features, generator=generator, device=device)
         layer = Int8Linear.quantize(weight, "tuning layer")
         bf16_weight = weight.to(torch.bfloat16)
@@ -580,13 +594,10 @@ def tune_int8_kernel(config: OpenELMConfig, device: torch.device, repeats: int) 
 def check_speculation(fixtures: Path, device: torch.device) -> None:
     """Greedy answers unchanged with speculation on CUDA: n-gram, and the fixture as its own
     draft, which must have every proposal accepted."""
-    model_dir, tokenizer_dir = fixtures / "openelm-tiny", fixtures / "llama2-tokenizer"
-    if not (model_dir / "reference.json").is_file():
-        print(f"SKIP  speculation checks: {model_dir}/reference.json not found", flush=True)
+    reference = SharedReference.read(fixtures, "speculation")
+    if reference is None:
         return
-    cases = json.loads((model_dir / "reference.json").read_text())["cases"]
-    prompts = [c["prompt_ids"] for c in cases]
-    new_tokens = len(cases[0]["greedy_ids"])
+    model_dir, tokenizer_dir, cases, prompts, new_tokens = reference
     tokenizer = load_tokenizer(tokenizer_dir)
     for method in ("ngram", "draft"):
         model = load_openelm(model_dir, device=device, dtype=torch.float32, show_progress=False)
