@@ -15,12 +15,15 @@ Correctness (each line says PASS or FAIL with its numbers):
    through the engine with CUDA graphs;
 5. bfloat16 against float32 on the 3B shape (random weights): relative logit error and top-1
    agreement over a prefill and decode steps;
-6. the CUDA-graph decode step against the eager one on the 3B shape in bfloat16: the same logits.
+6. the CUDA-graph decode step against the eager one on the 3B shape in bfloat16: the same logits;
+7. steps that read a prompt while others decode, as piecewise graphs (per-token pieces replayed,
+   attention eager) against the eager step, on the 3B shape as served: the same logits.
 
 Timings (median of ``--repeats`` after warm-up, CUDA events): decode step at each batch size and
 context 512, graph and eager; prefill of 512 and 4 x 512 tokens; the bandwidth roofline; the
 kernels of one decode step by GPU time. Then all of it again with the element-wise kernels fused
-by torch.compile, as the server runs by default (``--no-compile`` to skip); time to first token
+by torch.compile, as the server runs by default (``--no-compile`` to skip); steps that read a
+prompt while others decode, eager and piecewise (with the pieces' capture time); time to first token
 inside the engine; one 3B-shaped int8 layer against bfloat16 at each row count (where the int8
 kernel stops paying); and the decode steps again with the 3B model's linear layers in int8.
 """
@@ -41,8 +44,13 @@ import torch
 from openelm_server.engine.async_engine import Engine
 from openelm_server.engine.config import EngineConfig
 from openelm_server.engine.cuda_graphs import StaticDecoder
+from openelm_server.engine.piecewise_graphs import PiecewiseStep
+from openelm_server.engine.request import Request
+from openelm_server.engine.runner import ModelRunner
 from openelm_server.engine.sampling import SamplingParams
+from openelm_server.engine.scheduler import ScheduledRequest
 from openelm_server.model.config import OpenELMConfig
+from openelm_server.model.kv_cache import BLOCK_SIZE
 from openelm_server.model.loader import load_openelm
 from openelm_server.model.openelm import ForwardBatch, OpenELM
 from openelm_server.model.quantize import Int8Linear
@@ -354,6 +362,68 @@ def time_steps(
         print(
             f"{variant}: prefill {rows_count} x {length}: {ms:7.1f} ms ({row['tok_s']:8.0f} tok/s, "
             f"{row['tflop_s_linear']:.0f} TFLOP/s in the weights' matmuls)",
+            flush=True,
+        )
+
+
+@torch.inference_mode()
+def check_mixed_steps(model: OpenELM, repeats: int, variant: str, tolerance: float = 2e-2) -> None:
+    """Steps of decodes plus one prompt chunk (as the scheduler makes them while a prompt is
+    read): piecewise graphs against the eager step, same logits, and both timed."""
+    context, max_tokens = 512, 2048
+    shapes = [(4, 60), (4, 508), (32, 480), (8, 2040)]  # (decoding sequences, prompt chunk tokens)
+    decode_blocks = -(-(context + 1) // BLOCK_SIZE)
+    chunk_blocks = -(-max_tokens // BLOCK_SIZE)
+    most_decodes = max(d for d, _ in shapes)
+    cache = model.new_paged_kv_cache(1 + most_decodes * decode_blocks + chunk_blocks)
+    generator = torch.Generator(device=cache.keys[0].device).manual_seed(3)
+    for pool in cache.keys + cache.values:
+        pool.normal_(generator=generator)  # the decoding sequences' earlier keys, made up
+    vocab = model.config.vocab_size
+
+    def request(length: int, first_block: int, blocks: int) -> Request:
+        r = Request("r", [3 + (17 * i) % (vocab - 3) for i in range(length)], SamplingParams(max_new_tokens=1))
+        r.block_ids = list(range(first_block, first_block + blocks))
+        return r
+
+    started = time.perf_counter()
+    piecewise = PiecewiseStep(model, cache, max_tokens)
+    piecewise.capture_all()
+    capture_s = time.perf_counter() - started
+    eager_runner = ModelRunner(model, cache, None)
+    piecewise_runner = ModelRunner(model, cache, None, piecewise)
+    for decodes, chunk in shapes:
+        step = [
+            ScheduledRequest(request(context + 1, 1 + i * decode_blocks, decode_blocks), context, 1)
+            for i in range(decodes)
+        ]
+        step.append(ScheduledRequest(request(chunk, 1 + most_decodes * decode_blocks, chunk_blocks), 0, chunk))
+        wanted = [[0]] * decodes + [[chunk - 1]]
+        eager = torch.cat(eager_runner.run(step, wanted)).float()
+        graphed = torch.cat(piecewise_runner.run(step, wanted)).float()
+        error = relative_error(graphed, eager)
+        report(
+            f"piecewise graphs equal the eager step ({variant}, {decodes} decodes + a {chunk}-token chunk)",
+            error < tolerance,
+            logits_rel_error=error,
+            top1_equal=f"{int((graphed.argmax(-1) == eager.argmax(-1)).sum())}/{decodes + 1}",
+        )
+        eager_ms = cuda_time(lambda: eager_runner.run(step, wanted), repeats)
+        piecewise_ms = cuda_time(lambda: piecewise_runner.run(step, wanted), repeats)
+        row = {
+            "what": "mixed step",
+            "variant": variant,
+            "decodes": decodes,
+            "chunk_tokens": chunk,
+            "eager_ms": eager_ms,
+            "piecewise_ms": piecewise_ms,
+            "pieces_captured": len(piecewise.graphs),
+            "capture_s": capture_s,
+        }
+        results["timings"].append(row)
+        print(
+            f"{variant}: mixed   {decodes:2d} decodes + {chunk:4d}-token chunk: piecewise {piecewise_ms:7.2f} ms, "
+            f"eager {eager_ms:7.2f} ms ({len(piecewise.graphs)} pieces captured in {capture_s:.1f} s)",
             flush=True,
         )
 
@@ -689,6 +759,7 @@ def main(argv=None) -> int:
             profile_decode(model, 1, args.context)
         fused = " fused"
     time_steps(model, batches, args.context, args.repeats, read, "bfloat16" + fused)
+    check_mixed_steps(model, args.repeats, "bfloat16" + fused)
     tokenizer_dir = fixtures / "llama2-tokenizer"
     if tokenizer_dir.is_dir():
         probe_time_to_first_token(model, load_tokenizer(tokenizer_dir))

@@ -263,7 +263,8 @@ _SWITCHES: list[tuple[str, str, str, str]] = [
         "--cuda-graphs",
         "cuda_graphs",
         "CUDA_GRAPHS",
-        "on CUDA, replay decode steps as CUDA graphs; --no-cuda-graphs to debug",
+        "on CUDA, replay decode steps as CUDA graphs, and the per-token parts of steps that read "
+        "prompts; --no-cuda-graphs to debug",
     ),
     (
         "--compile",

@@ -25,7 +25,7 @@ class EngineConfig:
     # Tokens computed per step (decodes plus prompt chunks); None: per device, see above.
     max_num_batched_tokens: int | None = None
     prefix_caching: bool = True  # reuse the KV blocks of a prompt's prefix that was seen before
-    cuda_graphs: bool = True  # decode steps replayed as CUDA graphs on CUDA
+    cuda_graphs: bool = True  # on CUDA: decode steps, and other steps around attention, as CUDA graphs
     # Speculative decoding of greedy requests: "none", "ngram" (proposals looked up in the
     # request's own tokens) or "draft" (proposed by a smaller model given to the engine); the
     # model verifies up to num_speculative_tokens proposals per step.

@@ -30,6 +30,7 @@ from openelm_server.engine.config import EngineConfig
 from openelm_server.engine.cuda_graphs import StaticDecoder
 from openelm_server.engine.logprobs import TokenLogprob, log_softmax, token_logprobs
 from openelm_server.engine.output import RequestOutput
+from openelm_server.engine.piecewise_graphs import PiecewiseStep
 from openelm_server.engine.request import FinishReason, Request
 from openelm_server.engine.runner import ModelRunner
 from openelm_server.engine.sampling import SamplingRow, sample
@@ -83,24 +84,25 @@ class EngineCore:
         graphs = config.cuda_graphs and device.type == "cuda"
         # Verifying proposals computes the newest token and up to K proposed ones per request.
         query_lengths = (1,) if config.speculative == "none" else (1, 1 + config.num_speculative_tokens)
-        self.runner = ModelRunner(
-            model, self.kv_cache, self._captured_decoder(model, self.kv_cache, query_lengths) if graphs else None
-        )
+        self.runner = self._runner(model, self.kv_cache, query_lengths, graphs)
         self.draft_proposer = None
         if draft is not None:
-            draft_cache = draft.new_paged_kv_cache(num_blocks)
-            self.draft_proposer = DraftProposer(
-                ModelRunner(draft, draft_cache, self._captured_decoder(draft, draft_cache, (1,)) if graphs else None)
-            )
+            self.draft_proposer = DraftProposer(self._runner(draft, draft.new_paged_kv_cache(num_blocks), (1,), graphs))
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
 
-    def _captured_decoder(self, model: OpenELM, kv_cache: KVCache, query_lengths: tuple[int, ...]) -> StaticDecoder:
+    def _runner(self, model: OpenELM, kv_cache: KVCache, query_lengths: tuple[int, ...], graphs: bool) -> ModelRunner:
+        """A runner for ``model``; with ``graphs``, its decode steps and the per-token parts of its
+        other steps (up to the step's token budget) replay CUDA graphs, captured here."""
+        if not graphs:
+            return ModelRunner(model, kv_cache, None)
         max_blocks = -(-self.config.max_model_len // BLOCK_SIZE)
         decoder = StaticDecoder(model, kv_cache, self.config.max_batch_size, max_blocks, True, query_lengths)
+        piecewise = PiecewiseStep(model, kv_cache, self.scheduler.max_num_batched_tokens)
         with torch.inference_mode():
             decoder.capture_all()
-        return decoder
+            piecewise.capture_all()
+        return ModelRunner(model, kv_cache, decoder, piecewise)
 
     @property
     def has_work(self) -> bool:

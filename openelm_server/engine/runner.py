@@ -3,7 +3,9 @@
 A step's tokens are laid out flat: first every row that feeds one token (decodes), attending as
 one group, then each longer prompt chunk (or a decode with proposed tokens to verify) as a group
 of its own. A step of decodes alone goes through the static decoder when there is one (CUDA
-graphs on CUDA). Logits are computed only at the positions the caller asks for, in one call.
+graphs on CUDA); a step that reads prompts, through the piecewise step when there is one (graphs
+around eager attention on CUDA). Logits are computed only at the positions the caller asks for,
+in one call.
 """
 
 from __future__ import annotations
@@ -11,16 +13,24 @@ from __future__ import annotations
 import torch
 
 from openelm_server.engine.cuda_graphs import StaticDecoder
+from openelm_server.engine.piecewise_graphs import PiecewiseStep
 from openelm_server.engine.scheduler import ScheduledRequest
 from openelm_server.model.kv_cache import SCRATCH_BLOCK, KVCache
 from openelm_server.model.openelm import AttentionGroup, ForwardBatch, OpenELM
 
 
 class ModelRunner:
-    def __init__(self, model: OpenELM, kv_cache: KVCache, static_decoder: StaticDecoder | None):
+    def __init__(
+        self,
+        model: OpenELM,
+        kv_cache: KVCache,
+        static_decoder: StaticDecoder | None,
+        piecewise: PiecewiseStep | None = None,
+    ):
         self.model = model
         self.kv_cache = kv_cache
         self.static_decoder = static_decoder
+        self.piecewise = piecewise
         self.device = model.transformer.token_embeddings.weight.device
 
     def run(self, scheduled: list[ScheduledRequest], wanted: list[list[int]]) -> list[torch.Tensor]:
@@ -61,10 +71,13 @@ class ModelRunner:
             s = scheduled[i]
             start = offsets[i]
             groups.append(self._group(start, [s], position_tensor[start : start + s.num_tokens].view(1, -1)))
-        batch = ForwardBatch(
-            self.kv_cache, position_tensor, torch.tensor(slots, dtype=torch.long, device=self.device), groups
-        )
-        hidden = self.model(torch.tensor(tokens, device=self.device), batch)
+        if self.piecewise is not None and len(tokens) <= self.piecewise.max_tokens:
+            hidden = self.piecewise.run(tokens, positions, slots, groups)
+        else:
+            batch = ForwardBatch(
+                self.kv_cache, position_tensor, torch.tensor(slots, dtype=torch.long, device=self.device), groups
+            )
+            hidden = self.model(torch.tensor(tokens, device=self.device), batch)
         rows = [offsets[i] + offset for i in range(len(scheduled)) for offset in wanted[i]]
         if not rows:  # prompt chunks that end before their prompt does: no logits wanted
             return [hidden.new_empty(0, 0)] * len(scheduled)

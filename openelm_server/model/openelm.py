@@ -130,8 +130,10 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
         self.out_proj = nn.Linear(self.num_query_heads * config.head_dim, config.model_dim, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: ForwardBatch) -> torch.Tensor:
-        """``x`` is [tokens, model_dim]: every token of the batch, the groups' tokens one after another."""
+    def queries(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: ForwardBatch) -> torch.Tensor:
+        """Queries [tokens, query_heads, head_dim] of the normed ``x`` [tokens, model_dim]; the
+        keys and values go to the cache, at the batch's slots. Every token on its own: no token
+        sees another here, which is what lets a CUDA graph run this part for padded token counts."""
         qkv = self.qkv_proj(x).view(x.shape[0], -1, self.head_dim)
         qk, values = qkv.split([self.num_query_heads + self.num_kv_heads, self.num_kv_heads], dim=1)
         cos, sin = rope
@@ -143,15 +145,19 @@ class Attention(nn.Module):
         else:
             qk = rotate(qk, cos, sin)
         queries, keys = qk.split([self.num_query_heads, self.num_kv_heads], dim=1)
-
         batch.kv_cache.write(self.layer, batch.slot_mapping, keys, values)
+        return queries
+
+    def attend(self, queries: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """[tokens, query_heads * head_dim]: each group's tokens attend over their sequences'
+        cached keys, the groups one after another (tokens past the last group are not read)."""
         attended = []
         for group in batch.groups:
             group_queries = queries[group.start : group.end].view(group.rows, group.query_length, -1, self.head_dim)
             cached_keys, cached_values = batch.kv_cache.gather(self.layer, group.block_table)
             out = grouped_query_attention(group_queries.transpose(1, 2), cached_keys, cached_values, group)
             attended.append(out.transpose(1, 2).reshape(group.end - group.start, -1))
-        return self.out_proj(attended[0] if len(attended) == 1 else torch.cat(attended))
+        return attended[0] if len(attended) == 1 else torch.cat(attended)
 
 
 class FeedForward(nn.Module):
@@ -176,8 +182,14 @@ class DecoderLayer(nn.Module):
         self.ffn_norm = RMSNorm(config.model_dim, config.norm_eps)
         self.ffn = FeedForward(config, layer)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: ForwardBatch) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, batch)
+    # A layer runs in three parts: the per-token work before attention, attention, and the
+    # per-token work after it. OpenELM.forward runs them in order; on CUDA, steps that read
+    # prompts replay the per-token parts as graphs around eager attention (engine/piecewise_graphs.py).
+    def queries(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: ForwardBatch) -> torch.Tensor:
+        return self.attn.queries(self.attn_norm(x), rope, batch)
+
+    def after_attention(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn.out_proj(attended)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -293,13 +305,18 @@ class OpenELM(nn.Module):
 
     def forward(self, token_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """Hidden states (``token_ids``' shape + [model_dim]) after the final norm; fills the cache."""
-        rope = (self.rope_cos[batch.positions].unsqueeze(1), self.rope_sin[batch.positions].unsqueeze(1))
+        rope = self.rope(batch.positions)
         x = self.transformer.token_embeddings(token_ids.reshape(-1))
         # Chosen once per forward, not per attention call: entering it costs ~20 us of Python.
         with sdpa_kernel(ATTENTION_BACKENDS):
             for layer in self.transformer.layers:
-                x = layer(x, rope, batch)
+                queries = layer.queries(x, rope, batch)
+                x = layer.after_attention(x, layer.attn.attend(queries, batch))
         return self.transformer.norm(x).view(*token_ids.shape, -1)
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cos and sin [tokens, 1, head_dim] at ``positions`` [tokens]."""
+        return self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:
