@@ -43,18 +43,24 @@ from openelm_server.model.openelm import ATTENTION_BACKENDS, AttentionGroup, For
 log = logging.getLogger(__name__)
 
 SMALLEST_BUCKET = 16
-# Up to here buckets double; past it they grow by this much, so that a long step pads at most
-# this many tokens (a step that long is compute-bound: padding it costs its share of the time).
-LINEAR_BUCKETS_FROM = 256
+# Up to here buckets double. Past it they grow by multiples of it, by about a quarter of their
+# size: a long step is compute-bound, and padding costs its share of the time, so long steps pad
+# by at most a quarter (and at most 255 tokens up to 2,048), while a large token budget still
+# makes few buckets to capture at start-up.
+STEP_BUCKETS_FROM = 256
 
 
 def token_buckets(max_tokens: int) -> list[int]:
-    """Padded token counts: 16, 32, ... 256, then every 256 tokens, then ``max_tokens``."""
+    """Padded token counts: 16, 32, ... 256, then every 256 tokens to 2,048, then growing by about
+    a quarter, in multiples of 256; the last is ``max_tokens``."""
     sizes = []
     size = SMALLEST_BUCKET
     while size < max_tokens:
         sizes.append(size)
-        size = size * 2 if size < LINEAR_BUCKETS_FROM else size + LINEAR_BUCKETS_FROM
+        if size < STEP_BUCKETS_FROM:
+            size *= 2
+        else:
+            size += max(STEP_BUCKETS_FROM, size // 4 // STEP_BUCKETS_FROM * STEP_BUCKETS_FROM)
     return sizes + [max_tokens]
 
 

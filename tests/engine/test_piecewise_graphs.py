@@ -18,8 +18,11 @@ from openelm_server.model.kv_cache import SCRATCH_BLOCK
 from openelm_server.model.loader import load_openelm
 
 
-def test_token_buckets_double_then_grow_by_256_and_end_at_the_budget():
+def test_token_buckets_double_then_grow_by_256_then_by_about_a_quarter_and_end_at_the_budget():
     assert token_buckets(2048) == [16, 32, 64, 128, 256, 512, 768, 1024, 1280, 1536, 1792, 2048]
+    large = token_buckets(16384)
+    assert large[11:15] == [2048, 2560, 3072, 3840] and large[-1] == 16384 and len(large) < 24
+    assert all(later - earlier <= max(256, earlier // 4) for earlier, later in zip(large[4:], large[5:]))
     assert token_buckets(100) == [16, 32, 64, 100]
     assert token_buckets(256) == [16, 32, 64, 128, 256]
     assert token_buckets(16) == [16]
