@@ -74,6 +74,36 @@ def test_bandwidth_and_roofline():
     assert math.isclose(roof["min_step_ms"], 500.0) and math.isclose(roof["max_decode_tokens_per_s"], 2.0)
 
 
+def test_cpu_linears_times_every_kernel_over_the_models_layer_shapes(tmp_path):
+    from bench.cpu_linears import linear_shapes
+    from openelm_server.model.config import OpenELMConfig
+    from openelm_server.testing.checkpoints import published_config
+
+    shapes = linear_shapes(OpenELMConfig.from_dict(published_config("270M")))
+    assert len(shapes) == 16 * 4 + 1 and shapes[0] == (12 * 64 + 2 * 3 * 64, 1280) and shapes[-1] == (32000, 1280)
+    out = tmp_path / "linears.json"
+    done = run_script(
+        "-m",
+        "bench.cpu_linears",
+        "--layers",
+        "1",
+        "--rows",
+        "1,3",
+        "--repeats",
+        "1",
+        "--bandwidth-mb",
+        "16",
+        "--out",
+        str(out),
+    )
+    assert done.returncode == 0, done.stderr
+    results = json.loads(out.read_text())
+    assert results["linear_layers"] == 5 and results["read_gb_s"] > 0 and results["matmul_peak_gflop_s"] > 0
+    timings = {(row["kernel"], row["rows"]): row for row in results["timings"]}
+    assert set(timings) == {(k, r) for k in ("onednn", "pytorch", "int8") for r in (1, 3)}
+    assert all(row["ms"] > 0 and row["weights_gb_s"] > 0 for row in timings.values())
+
+
 def test_make_checkpoint_writes_a_loadable_published_layout(tmp_path):
     from openelm_server.model.loader import load_openelm
 
