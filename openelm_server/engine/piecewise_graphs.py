@@ -36,6 +36,7 @@ import logging
 import time
 
 import torch
+from torch.nn.attention import sdpa_kernel
 
 from openelm_server.model.kv_cache import SCRATCH_BLOCK, KVCache
 from openelm_server.model.openelm import ATTENTION_BACKENDS, AttentionGroup, ForwardBatch, OpenELM
@@ -100,11 +101,10 @@ class PiecewiseStep:
         self.slot_mapping[:bucket].copy_(torch.tensor(slots + [scratch_slot] * padding), non_blocking=True)
         batch = ForwardBatch(self.kv_cache, self.positions[:count], self.slot_mapping[:count], groups)
         layers = self.model.transformer.layers
-        with torch.nn.attention.sdpa_kernel(ATTENTION_BACKENDS):
+        with sdpa_kernel(ATTENTION_BACKENDS):
             for piece in range(self.num_layers + 1):
-                if piece > 0:
-                    layer = layers[piece - 1]
-                    attended = layer.attn.attend(self._queries(piece - 1, bucket)[:count], batch)
+                if piece > 0:  # layer piece - 1's attention, between its two pieces
+                    attended = layers[piece - 1].attn.attend(self._queries(piece - 1, count), batch)
                     self._attended(piece - 1, count).copy_(attended)
                 graph = self.graphs.get((bucket, piece))
                 if graph is not None:
