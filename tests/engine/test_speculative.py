@@ -20,6 +20,7 @@ from openelm_server.engine import core
 from openelm_server.engine.async_engine import Engine
 from openelm_server.engine.config import EngineConfig
 from openelm_server.engine.cuda_graphs import StaticDecoder
+from openelm_server.engine.piecewise_graphs import PiecewiseStep
 from openelm_server.engine.sampling import SamplingParams
 from openelm_server.engine.speculative import propose_ngram
 from openelm_server.model.loader import load_openelm
@@ -391,7 +392,8 @@ def test_verify_steps_and_draft_steps_through_static_shapes_answer_alike(
 ):
     """The CUDA-graph path of speculation, run eagerly: a verify step (each request's newest
     token and its proposals, rows padded to 1 + K tokens) and the draft's one-token steps go
-    through static decoders, and the answers stay the reference's."""
+    through static decoders, the steps that read prompts (the model's, and the draft's catching
+    up) through piecewise steps, as on CUDA; the answers stay the reference's."""
     ref = reference(shared_model_dir)
     jobs = [(case["prompt_ids"], greedy(ref["new_tokens"])) for case in ref["cases"]]
     expected = [case["greedy_ids"] for case in ref["cases"]]
@@ -412,9 +414,25 @@ def test_verify_steps_and_draft_steps_through_static_shapes_answer_alike(
 
     static.run = recording_run
     core.runner.static_decoder = static
+    budget = core.scheduler.max_num_batched_tokens
+    piecewise_steps = []  # (runner, tokens) of each step that went through pieces
+
+    def pieces_for(runner, name):
+        piecewise = PiecewiseStep(runner.model, runner.kv_cache, budget)
+        real_pieces = piecewise.run
+
+        def recording_pieces(tokens, positions, slots, groups):
+            piecewise_steps.append((name, len(tokens)))
+            return real_pieces(tokens, positions, slots, groups)
+
+        piecewise.run = recording_pieces
+        runner.piecewise = piecewise
+
+    pieces_for(core.runner, "model")
     draft_steps = []
     if method == "draft":
         draft_runner = core.draft_proposer.runner
+        pieces_for(draft_runner, "draft")
         draft_static = StaticDecoder(draft_runner.model, draft_runner.kv_cache, 8, 16, capture=False)
         real_draft_run = draft_static.run
 
@@ -440,3 +458,5 @@ def test_verify_steps_and_draft_steps_through_static_shapes_answer_alike(
         assert 1 in tokens_per_row and {2, 3} & set(tokens_per_row)
     else:
         assert draft_steps  # the draft's one-token steps too
+    # Prompts were read through pieces: the model's, and the draft's catching up with them.
+    assert {name for name, _ in piecewise_steps} == ({"model", "draft"} if method == "draft" else {"model"})
