@@ -98,20 +98,30 @@ ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION
 def grouped_query_attention(
     queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, group: AttentionGroup
 ) -> torch.Tensor:
-    """Attention where each KV head serves a group of consecutive query heads.
+    """A group's queries [rows * query_length, query_heads, dim] (row by row) attend over their
+    rows' keys and values [rows, kv_heads, context, dim]; out: [rows * query_length, query_heads * dim].
 
-    The group is folded into the query-length axis ([batch, kv_heads, group * length, dim]),
-    so keys and values are read once per KV head instead of being repeated per query head,
-    and any SDPA kernel that takes a mask can run it.
+    Each KV head serves a group of consecutive query heads, folded into the query-length axis
+    ([rows, kv_heads, heads_per_kv * query_length, dim]), so keys and values are read once per KV
+    head instead of being repeated per query head, and any SDPA kernel that takes a mask can run
+    it. A decode row's one query folds as it lies: a view in and a reshape out, where longer rows
+    take a transposition each way.
     """
-    batch, query_heads, length, dim = queries.shape
+    tokens, query_heads, dim = queries.shape
+    rows, length = group.rows, group.query_length
     kv_heads = keys.shape[1]
     heads_per_kv = query_heads // kv_heads
-    queries = queries.reshape(batch, kv_heads, heads_per_kv * length, dim)
+    if length == 1:
+        folded = queries.view(rows, kv_heads, heads_per_kv, dim)
+    else:
+        folded = queries.view(rows, length, kv_heads, heads_per_kv, dim).permute(0, 2, 3, 1, 4)
+        folded = folded.reshape(rows, kv_heads, heads_per_kv * length, dim)
     attended = F.scaled_dot_product_attention(
-        queries, keys, values, attn_mask=group.folded_bias(heads_per_kv, queries.dtype)
+        folded, keys, values, attn_mask=group.folded_bias(heads_per_kv, queries.dtype)
     )
-    return attended.reshape(batch, query_heads, length, dim)
+    if length > 1:
+        attended = attended.reshape(rows, kv_heads, heads_per_kv, length, dim).permute(0, 3, 1, 2, 4)
+    return attended.reshape(tokens, query_heads * dim)
 
 
 class Attention(nn.Module):
@@ -153,10 +163,10 @@ class Attention(nn.Module):
         cached keys, the groups one after another (tokens past the last group are not read)."""
         attended = []
         for group in batch.groups:
-            group_queries = queries[group.start : group.end].view(group.rows, group.query_length, -1, self.head_dim)
             cached_keys, cached_values = batch.kv_cache.gather(self.layer, group.block_table)
-            out = grouped_query_attention(group_queries.transpose(1, 2), cached_keys, cached_values, group)
-            attended.append(out.transpose(1, 2).reshape(group.end - group.start, -1))
+            attended.append(
+                grouped_query_attention(queries[group.start : group.end], cached_keys, cached_values, group)
+            )
         return attended[0] if len(attended) == 1 else torch.cat(attended)
 
 
