@@ -27,7 +27,7 @@ from openelm_server.model.cpu_linear import (
     use_onednn_linears,
 )
 from openelm_server.model.kv_cache import KVCache
-from openelm_server.model.linear_choice import choose_linear_kernels
+from openelm_server.model.linear_choice import choose_int8_kernels, choose_linear_kernels
 from openelm_server.model.loader import checkpoint_files, load_openelm
 from openelm_server.model.openelm import ForwardBatch, OpenELM, fuse_elementwise
 from openelm_server.model.quantize import QuantizationError, check_int8_support, int8_megabytes
@@ -264,6 +264,8 @@ def load_served_model(path: str, settings: Settings, device: torch.device, dtype
             role,
             int8_megabytes(model),
         )
+        if device.type == "cpu":
+            choose_int8_kernels(model, role)
     elif can_use_onednn(model):
         if settings.onednn_linear is None:
             choose_linear_kernels(model, role)

@@ -6,6 +6,9 @@ an OpenELM-270M float32 decode step took 50 ms with it against 81 ms with PyTorc
 the server times the steps it will run (one decode step of 1 and of 8 sequences, and a 64-token
 prefill) with each and keeps the faster. ``--onednn-linear`` / ``--no-onednn-linear`` force one
 and skip the timing. Either way the weights are held once.
+
+int8 models get the same treatment between our AVX2 kernel (int8_cpu.py) and PyTorch's: both
+read the same int8 weights, so the choice only costs the timing.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 
 from openelm_server.model.cpu_linear import embedding_copy_megabytes, use_onednn_linears, use_plain_linears
 from openelm_server.model.openelm import ForwardBatch, OpenELM
+from openelm_server.model.quantize import Int8Linear
 
 log = logging.getLogger(__name__)
 
@@ -79,3 +83,29 @@ def choose_linear_kernels(model: OpenELM, role: str = "") -> bool:
         else "",
     )
     return keep_onednn
+
+
+def choose_int8_kernels(model: OpenELM, role: str = "") -> str:
+    """On the CPU, time the int8 layers with our kernel, then PyTorch's, and keep the faster;
+    returns the kept one ("own" or "pytorch"). Where ours did not build, PyTorch's stays, untimed."""
+    layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    if not layers or layers[0].cpu_kernel != "own":
+        return "pytorch"
+    own_ms = time_steps(model)
+    for layer in layers:
+        layer.cpu_kernel = "pytorch"
+    pytorch_ms = time_steps(model)
+    kept = "own" if own_ms < pytorch_ms else "pytorch"
+    for layer in layers:
+        layer.cpu_kernel = kept
+    log.info(
+        "%sint8 kernels timed on this CPU (decode of %s sequences + a %d-token prefill): ours (AVX2, float32) "
+        "%.0f ms, PyTorch's (bfloat16) %.0f ms; using %s",
+        role,
+        " and ".join(map(str, DECODE_ROWS)),
+        PREFILL_TOKENS,
+        own_ms,
+        pytorch_ms,
+        "ours" if kept == "own" else "PyTorch's",
+    )
+    return kept

@@ -8,7 +8,7 @@ row's largest magnitude / 127. Activations stay floating point; embeddings and n
 Invariants of :class:`Int8Linear`:
 
 - ``weight`` is int8 [out_features, in_features], contiguous, in a fresh (64-byte aligned)
-  allocation; ``scales`` is [out_features] in the dtype the matmul takes (below).
+  allocation; ``scales`` is float32 [out_features].
 - ``in_features`` is a multiple of :data:`IN_FEATURES_MULTIPLE`: the CPU kernel reads 8 (AVX2) or
   16 (AVX-512) values at a time and reads garbage past the row's end otherwise (measured: wrong
   outputs for in_features = 3, 5, 60, ... in bfloat16, with no error raised).
@@ -20,13 +20,14 @@ Invariants of :class:`Int8Linear`:
 
 The matmul:
 
-- CPU: PyTorch's ``aten._weight_int8pack_mm`` (x [rows, in] @ int8 [out, in].T * scales) in
-  bfloat16. Its float32 variant is a plain scalar loop on x86 (5-10x slower than float32
-  ``F.linear`` on a 2-core AMD EPYC), while the bfloat16 one is vectorised (AVX2/AVX-512).
-  So the layer rounds its input to bfloat16 and its output comes back from bfloat16: a float32
-  model's linear layers then compute at bfloat16 precision (the quality cost in the README counts
-  it). The kernel loads its input with aligned vector loads and crashes the process on an input
-  that is not 16-byte aligned, so the input is copied to a fresh tensor when it is not.
+- CPU: our own kernel (int8_cpu.py: AVX2, float32 products and sums) where it builds, else
+  PyTorch's ``aten._weight_int8pack_mm``; start-up times both on the model and keeps the faster
+  (linear_choice.py), and ``cpu_kernel`` says which a layer uses. PyTorch's runs in bfloat16: its
+  float32 variant is a plain scalar loop on x86 (5-10x slower than float32 ``F.linear`` on a
+  2-core AMD EPYC), while the bfloat16 one is vectorised. So on it the layer rounds its input and
+  its scales to bfloat16 and its output comes back from bfloat16. That kernel loads its input
+  with aligned vector loads and crashes the process on an input that is not 16-byte aligned, so
+  the input is copied to a fresh tensor when it is not.
 - CUDA: our Triton kernel (int8_triton.py) for steps of up to :data:`CUDA_KERNEL_MAX_ROWS` rows,
   which covers every decode step; PyTorch's CUDA variant of ``_weight_int8pack_mm`` computes each
   output on its own without tensor cores (on an H200, 0.67 ms for one row of a 24576 x 3072 layer
@@ -44,6 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from openelm_server.model import int8_cpu
+
 QUANTIZATIONS = ("none", "int8")
 IN_FEATURES_MULTIPLE = 16
 CUDA_KERNEL_MAX_ROWS = 128
@@ -54,11 +57,6 @@ class QuantizationError(Exception):
     """int8 cannot run here or on this checkpoint; the message says why, in one line."""
 
 
-def matmul_dtype(device: torch.device) -> torch.dtype:
-    """The dtype the int8 kernel computes in on ``device`` (see the module docstring)."""
-    return torch.bfloat16 if device.type == "cpu" else torch.float32
-
-
 class Int8Linear(nn.Module):
     """``y = x @ (weight * scales[:, None]).T`` with an int8 weight; x and y keep their dtype."""
 
@@ -67,12 +65,12 @@ class Int8Linear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scales)
+        # On the CPU: "own" (int8_cpu.py) where it builds, else "pytorch"; start-up may switch.
+        self.cpu_kernel = "own" if weight.device.type == "cpu" and int8_cpu.load() is not None else "pytorch"
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, name: str) -> Int8Linear:
-        """Per-output-channel symmetric int8 of a float [out, in] weight, on the weight's device.
-        The int8 values are rounded against the scales as stored (bfloat16 on the CPU), so that
-        the rounding of a scale does not shift its whole channel."""
+        """Per-output-channel symmetric int8 of a float [out, in] weight, on the weight's device."""
         if weight.dim() != 2 or weight.shape[1] % IN_FEATURES_MULTIPLE:
             raise QuantizationError(
                 f"{name}: weight of shape {tuple(weight.shape)} cannot be int8: the int8 matmul needs "
@@ -80,13 +78,13 @@ class Int8Linear(nn.Module):
             )
         values = weight.detach().float()
         largest = values.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny)
-        scales = (largest / 127).to(matmul_dtype(weight.device))
-        quantized = torch.div(values, scales.float().unsqueeze(1)).round_().clamp_(-127, 127).to(torch.int8)
+        scales = largest / 127
+        quantized = torch.div(values, scales.unsqueeze(1)).round_().clamp_(-127, 127).to(torch.int8)
         return cls(quantized, scales)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The float weight the layer stands for, rounded to ``dtype`` once (not the scales first)."""
-        return (self.weight.float() * self.scales.float().unsqueeze(1)).to(dtype)
+        return (self.weight.float() * self.scales.unsqueeze(1)).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
@@ -97,14 +95,18 @@ class Int8Linear(nn.Module):
 
             out = int8_weight_matmul(rows.contiguous(), self.weight, self.scales)
             return out.view(*x.shape[:-1], self.out_features)
-        rows = rows.to(matmul_dtype(x.device)).contiguous()
+        if self.cpu_kernel == "own":
+            out = int8_cpu.load()(rows.float().contiguous(), self.weight, self.scales)
+            return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        rows = rows.to(torch.bfloat16).contiguous()
         if rows.data_ptr() % _ALIGNMENT_BYTES:
             rows = rows.clone()
-        out = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scales)
+        out = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scales.to(torch.bfloat16))
         return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+        kernel = f", {self.cpu_kernel} kernel" if self.weight.device.type == "cpu" else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel{kernel}"
 
 
 def check_int8_support(device: torch.device) -> None:
