@@ -11,7 +11,8 @@ order (each weight cold in the caches, as in a step), with each kernel the serve
 
 * ``onednn``: oneDNN's inner product on weights reordered once (cpu_linear.py);
 * ``pytorch``: ``F.linear`` (MKL's sgemm);
-* ``int8``: ``aten._weight_int8pack_mm`` on int8 weights with bfloat16 activations (quantize.py).
+* ``int8``: ``aten._weight_int8pack_mm`` on int8 weights with bfloat16 activations;
+* ``int8_own``: our AVX2 int8 kernel (int8_cpu.py), float32 activations, where it builds.
 
 and reports GB/s of weights read and GFLOP/s, next to this machine's memory read bandwidth and
 its float32 matmul peak (a large square product). Random weights: only shapes matter here.
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 
 from bench.bandwidth import measure_bandwidth
 from bench.common import machine_info, now_iso, versions, write_json
+from openelm_server.model import int8_cpu
 from openelm_server.model.config import OpenELMConfig
 from openelm_server.testing.checkpoints import published_config
 
@@ -81,7 +83,17 @@ def kernels(weights: list[torch.Tensor]) -> dict:
         for w, s in int8:
             torch.ops.aten._weight_int8pack_mm(inputs[w.shape[1]].to(torch.bfloat16), w, s)
 
-    return {"onednn": run_onednn, "pytorch": run_pytorch, "int8": run_int8}
+    found = {"onednn": run_onednn, "pytorch": run_pytorch, "int8": run_int8}
+    own_kernel = int8_cpu.load()
+    if own_kernel is not None:
+        own = [(int8_cpu.pack(w), s.float()) for w, s in int8]
+
+        def run_int8_own(inputs):
+            for w, s in own:
+                own_kernel(inputs[w.shape[1]], w, s)
+
+        found["int8_own"] = run_int8_own
+    return found
 
 
 def time_pass(run, inputs: dict, repeats: int) -> float:
@@ -131,7 +143,7 @@ def main(argv=None) -> int:
         flush=True,
     )
     for name, run in kernels(weights).items():
-        bytes_per_weight = 1 if name == "int8" else 4
+        bytes_per_weight = 1 if name.startswith("int8") else 4
         for rows in (int(r) for r in args.rows.split(",")):
             inputs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
             seconds = time_pass(run, inputs, args.repeats)

@@ -93,11 +93,11 @@ def choose_int8_kernels(model: OpenELM, role: str = "") -> str:
         return "pytorch"
     own_ms = time_steps(model)
     for layer in layers:
-        layer.cpu_kernel = "pytorch"
+        layer.use_cpu_kernel("pytorch")
     pytorch_ms = time_steps(model)
     kept = "own" if own_ms < pytorch_ms else "pytorch"
     for layer in layers:
-        layer.cpu_kernel = kept
+        layer.use_cpu_kernel(kept)
     log.info(
         "%sint8 kernels timed on this CPU (decode of %s sequences + a %d-token prefill): ours (AVX2, float32) "
         "%.0f ms, PyTorch's (bfloat16) %.0f ms; using %s",

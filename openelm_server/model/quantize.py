@@ -8,7 +8,9 @@ row's largest magnitude / 127. Activations stay floating point; embeddings and n
 Invariants of :class:`Int8Linear`:
 
 - ``weight`` is int8 [out_features, in_features], contiguous, in a fresh (64-byte aligned)
-  allocation; ``scales`` is float32 [out_features].
+  allocation; with our CPU kernel (``cpu_kernel == "own"``) its rows are in that kernel's
+  packed layout (int8_cpu.pack), and :meth:`Int8Linear.dequantized` unpacks them. ``scales``
+  is float32 [out_features].
 - ``in_features`` is a multiple of :data:`IN_FEATURES_MULTIPLE`: the CPU kernel reads 8 (AVX2) or
   16 (AVX-512) values at a time and reads garbage past the row's end otherwise (measured: wrong
   outputs for in_features = 3, 5, 60, ... in bfloat16, with no error raised).
@@ -65,8 +67,9 @@ class Int8Linear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scales)
-        # On the CPU: "own" (int8_cpu.py) where it builds, else "pytorch"; start-up may switch.
-        self.cpu_kernel = "own" if weight.device.type == "cpu" and int8_cpu.load() is not None else "pytorch"
+        self.cpu_kernel = "pytorch"
+        if weight.device.type == "cpu" and int8_cpu.load() is not None:
+            self.use_cpu_kernel("own")  # start-up times both and may switch back
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, name: str) -> Int8Linear:
@@ -82,9 +85,16 @@ class Int8Linear(nn.Module):
         quantized = torch.div(values, scales.unsqueeze(1)).round_().clamp_(-127, 127).to(torch.int8)
         return cls(quantized, scales)
 
+    def use_cpu_kernel(self, kernel: str) -> None:
+        """Compute with our CPU kernel ("own") or PyTorch's ("pytorch"), the weight laid out for it."""
+        if kernel != self.cpu_kernel:
+            self.weight = int8_cpu.pack(self.weight) if kernel == "own" else int8_cpu.unpack(self.weight)
+            self.cpu_kernel = kernel
+
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The float weight the layer stands for, rounded to ``dtype`` once (not the scales first)."""
-        return (self.weight.float() * self.scales.unsqueeze(1)).to(dtype)
+        weight = int8_cpu.unpack(self.weight) if self.cpu_kernel == "own" else self.weight
+        return (weight.float() * self.scales.unsqueeze(1)).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)

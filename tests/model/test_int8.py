@@ -80,7 +80,7 @@ def cpu_kernel(request) -> str:
 
 def int8_layer(cpu_kernel: str) -> Int8Linear:
     layer = Int8Linear.quantize(uneven_weight(), "test")
-    layer.cpu_kernel = cpu_kernel
+    layer.use_cpu_kernel(cpu_kernel)
     return layer
 
 

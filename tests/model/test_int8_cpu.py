@@ -31,7 +31,7 @@ def operands(rows: int, out_features: int, in_features: int, seed: int = 0):
 def test_products_equal_float64_to_float32_rounding(rows, out_features):
     x, weight, scales = operands(rows, out_features, 136)
     want = x.double() @ (weight.double() * scales.double()[:, None]).T
-    got = kernel(x, weight, scales)
+    got = kernel(x, int8_cpu.pack(weight), scales)
     assert got.dtype == torch.float32 and got.shape == (rows, out_features)
     size = x.double().norm(dim=1, keepdim=True) * (weight.double() * scales.double()[:, None]).norm(dim=1)
     assert float(((got.double() - want).abs() / size).max()) < 1e-6
@@ -87,3 +87,30 @@ def test_start_up_times_both_kernels_keeps_the_faster_and_logs_both(tmp_path, ca
     assert line.startswith("draft model: int8 kernels timed on this CPU")
     assert "ours (AVX2, float32)" in line and "PyTorch's (bfloat16)" in line
     assert line.endswith("using ours" if kept == "own" else "using PyTorch's")
+
+
+@pytest.mark.parametrize("out_features", [4, 13, 96])
+def test_packing_keeps_every_weight_and_unpacks_to_the_plain_layout(out_features):
+    _, weight, _ = operands(1, out_features, 48)
+    packed = int8_cpu.pack(weight)
+    assert packed.shape == weight.shape and packed.is_contiguous()
+    assert torch.equal(int8_cpu.unpack(packed), weight)
+    # Block 0 holds, for the first 8 inputs, row 0's 8 weights, then row 1's, row 2's, row 3's.
+    assert torch.equal(packed[0, :32], weight[:4, :8].reshape(-1))
+    if out_features % 4:  # rows past the last full block stay plain
+        assert torch.equal(packed[out_features // 4 * 4 :], weight[out_features // 4 * 4 :])
+
+
+@needs_kernel
+def test_a_layer_switches_kernels_with_its_weight_laid_out_for_each():
+    layer = Int8Linear.quantize(torch.randn(13, 64), "test")
+    assert layer.cpu_kernel == "own"
+    x = torch.randn(3, 64)
+    plain = layer.dequantized(torch.float32)
+    own = layer(x)
+    layer.use_cpu_kernel("pytorch")
+    assert torch.equal(layer.dequantized(torch.float32), plain)
+    pytorch = layer(x)
+    assert float((own - pytorch).abs().max() / own.abs().max()) < 0.02  # PyTorch's rounds to bfloat16
+    layer.use_cpu_kernel("own")
+    assert torch.equal(layer(x), own)

@@ -38,6 +38,7 @@ found = []
 for rows, out_features, in_features, dtype, cut in json.loads(sys.argv[1]):
     dtype = getattr(torch, dtype)
     layer = Int8Linear.quantize(torch.randn(out_features, in_features, generator=generator), "test")
+    layer.use_cpu_kernel("pytorch")  # the plain weight layout, as on CUDA
     scales = layer.scales.float()
     x = torch.randn(rows, in_features, generator=generator).to(dtype)
     config = KernelConfig(*cut) if cut else None
