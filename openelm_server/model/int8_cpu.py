@@ -38,8 +38,6 @@ import torch
 
 log = logging.getLogger(__name__)
 
-IN_FEATURES_MULTIPLE = 8
-
 _SOURCE = r"""
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

@@ -11,9 +11,10 @@ Invariants of :class:`Int8Linear`:
   allocation; with our CPU kernel (``cpu_kernel == "own"``) its rows are in that kernel's
   packed layout (int8_cpu.pack), and :meth:`Int8Linear.dequantized` unpacks them. ``scales``
   is float32 [out_features].
-- ``in_features`` is a multiple of :data:`IN_FEATURES_MULTIPLE`: the CPU kernel reads 8 (AVX2) or
-  16 (AVX-512) values at a time and reads garbage past the row's end otherwise (measured: wrong
-  outputs for in_features = 3, 5, 60, ... in bfloat16, with no error raised).
+- ``in_features`` is a multiple of :data:`IN_FEATURES_MULTIPLE`: PyTorch's CPU kernel reads 8
+  (AVX2) or 16 (AVX-512) values at a time and reads garbage past the row's end otherwise
+  (measured: wrong outputs for in_features = 3, 5, 60, ... in bfloat16, with no error raised);
+  ours reads 8 and refuses other widths.
 - The tied output layer (OpenELM shares the token embedding with the logits) gets an int8 copy
   of the embedding: the lookup keeps the float table, the logits read the int8 one. That costs a
   quarter of the float32 embedding (41 MB for 270M) and saves reading the whole float table every
