@@ -18,7 +18,8 @@ Invariants:
 
 - The pieces read and write only the static buffers below, sized for ``max_tokens``; a step of
   ``n`` tokens uses their first ``bucket >= n`` rows. ``hidden`` [max_tokens, model_dim] carries
-  the residual stream between pieces (the final normed states after the last one). ``queries``
+  the residual stream between pieces (the final normed states after the last one); ``cos`` and
+  ``sin`` the tokens' rotary tables, looked up once by piece 0 for every layer. ``queries``
   and ``attended`` are flat, sized for the layer with the most query heads: layer k uses their
   first ``bucket * query_heads[k] * head_dim`` elements.
 - Padding tokens (rows n to bucket) are token 0 at position 0 and write their keys and values to
@@ -81,6 +82,8 @@ class PiecewiseStep:
             (max_tokens,), SCRATCH_BLOCK * kv_cache.block_size, dtype=torch.long, device=device
         )
         self.hidden = torch.zeros(max_tokens, config.model_dim, dtype=dtype, device=device)
+        self.cos = torch.zeros(max_tokens, 1, config.head_dim, dtype=model.rope_cos.dtype, device=device)
+        self.sin = torch.zeros_like(self.cos)
         widest = max(config.num_query_heads) * config.head_dim
         self.queries = torch.zeros(max_tokens * widest, dtype=dtype, device=device)
         self.attended = torch.zeros(max_tokens * widest, dtype=dtype, device=device)
@@ -128,6 +131,9 @@ class PiecewiseStep:
         hidden = self.hidden[:bucket]
         if piece == 0:
             x = self.model.transformer.token_embeddings(self.tokens[:bucket])
+            cos, sin = self.model.rope(self.positions[:bucket])
+            self.cos[:bucket].copy_(cos)
+            self.sin[:bucket].copy_(sin)
         else:
             x = layers[piece - 1].after_attention(hidden, self._attended(piece - 1, bucket))
         if piece == self.num_layers:
@@ -135,7 +141,7 @@ class PiecewiseStep:
             return
         hidden.copy_(x)
         batch = ForwardBatch(self.kv_cache, self.positions[:bucket], self.slot_mapping[:bucket], [])
-        queries = layers[piece].queries(x, self.model.rope(self.positions[:bucket]), batch)
+        queries = layers[piece].queries(x, (self.cos[:bucket], self.sin[:bucket]), batch)
         self._queries(piece, bucket).copy_(queries)
 
     def capture_all(self) -> None:
