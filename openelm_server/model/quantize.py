@@ -24,13 +24,13 @@ Invariants of :class:`Int8Linear`:
 The matmul:
 
 - CPU: our own kernel (int8_cpu.py: AVX2, float32 products and sums) where it builds, else
-  PyTorch's ``aten._weight_int8pack_mm``; start-up times both on the model and keeps the faster
-  (linear_choice.py), and ``cpu_kernel`` says which a layer uses. PyTorch's runs in bfloat16: its
-  float32 variant is a plain scalar loop on x86 (5-10x slower than float32 ``F.linear`` on a
-  2-core AMD EPYC), while the bfloat16 one is vectorised. So on it the layer rounds its input and
-  its scales to bfloat16 and its output comes back from bfloat16. That kernel loads its input
-  with aligned vector loads and crashes the process on an input that is not 16-byte aligned, so
-  the input is copied to a fresh tensor when it is not.
+  PyTorch's ``aten._weight_int8pack_mm``; start-up times both on the model and keeps ours unless
+  PyTorch's is clearly faster (linear_choice.py); ``cpu_kernel`` says which a layer uses.
+  PyTorch's runs in bfloat16: its float32 variant is a plain scalar loop on x86 (5-10x slower
+  than float32 ``F.linear`` on a 2-core AMD EPYC), while the bfloat16 one is vectorised. So on
+  it the layer rounds its input and its scales to bfloat16 and its output comes back from
+  bfloat16. That kernel loads its input with aligned vector loads and crashes the process on an
+  input that is not 16-byte aligned, so the input is copied to a fresh tensor when it is not.
 - CUDA: our Triton kernel (int8_triton.py) for steps of up to :data:`CUDA_KERNEL_MAX_ROWS` rows,
   which covers every decode step; PyTorch's CUDA variant of ``_weight_int8pack_mm`` computes each
   output on its own without tensor cores (on an H200, 0.67 ms for one row of a 24576 x 3072 layer
