@@ -9,6 +9,7 @@ bandwidth; 16 streams multiply each weight by 16 rows, so theirs should run near
 arithmetic peak. This times, for each row count, one pass over all of the model's linear layers in
 order (each weight cold in the caches, as in a step), with each kernel the server can use:
 
+* ``own``: our float32 AVX2 kernel (float32_cpu.py) on weights in its panels, where it builds;
 * ``onednn``: oneDNN's inner product on weights reordered once (cpu_linear.py);
 * ``pytorch``: ``F.linear`` (MKL's sgemm);
 * ``int8``: ``aten._weight_int8pack_mm`` on int8 weights with bfloat16 activations;
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 
 from bench.bandwidth import measure_bandwidth
 from bench.common import machine_info, now_iso, versions, write_json
-from openelm_server.model import int8_cpu
+from openelm_server.model import float32_cpu, int8_cpu
 from openelm_server.model.config import OpenELMConfig
 from openelm_server.testing.checkpoints import published_config
 
@@ -84,6 +85,15 @@ def kernels(weights: list[torch.Tensor]) -> dict:
             torch.ops.aten._weight_int8pack_mm(inputs[w.shape[1]].to(torch.bfloat16), w, s)
 
     found = {"onednn": run_onednn, "pytorch": run_pytorch, "int8": run_int8}
+    float32_kernel = float32_cpu.load()
+    if float32_kernel is not None:
+        panels = [(float32_cpu.pack(w), w.shape[0]) for w in weights]
+
+        def run_own(inputs):
+            for packed, out_features in panels:
+                float32_kernel(inputs[packed.shape[1]], packed, out_features)
+
+        found = {"own": run_own, **found}
     own_kernel = int8_cpu.load()
     if own_kernel is not None:
         own = [(int8_cpu.pack(w), s.float()) for w, s in int8]

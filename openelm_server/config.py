@@ -20,6 +20,8 @@ DEFAULT_MODEL_PATH = "/root/autodl-tmp/OpenELM-3B-Instruct"
 DEFAULT_TOKENIZER_PATH = "/root/autodl-tmp/Llama-2-7b-hf"
 # --quantization's choices; model/quantize.py holds the same tuple (this module imports no torch).
 QUANTIZATIONS = ("none", "int8")
+# --cpu-linear's choices: "auto" times the others at start-up (model/cpu_linear.py holds them).
+CPU_LINEAR_KERNELS = ("auto", "own", "onednn", "pytorch")
 # The names people copy from Hugging Face, ModelScope and the README's examples.
 PUBLISHED_MODEL_NAMES = ("OpenELM-3B-Instruct", "apple/OpenELM-3B-Instruct", "LLM-Research/OpenELM-3B-Instruct")
 
@@ -54,7 +56,7 @@ class Settings:
     log_prompts: bool = True
     cuda_graphs: bool = EngineConfig.cuda_graphs
     compile: bool = True
-    onednn_linear: bool | None = None  # None: timed against PyTorch's at start-up
+    cpu_linear: str = "auto"
     webui: bool = True
     shutdown_timeout: float = 30.0
     log_level: str = "info"
@@ -248,6 +250,14 @@ _OPTIONS: list[tuple[str, str, object, str]] = [
         "seconds running requests get to finish on SIGTERM/SIGINT",
     ),
     ("--log-level", "LOG_LEVEL", str, "debug | info | warning | error"),
+    (
+        "--cpu-linear",
+        "CPU_LINEAR",
+        str,
+        "auto | own | onednn | pytorch: on the CPU, the kernel of float linear layers: our own (float32, AVX2), "
+        "oneDNN's (float32, or bfloat16 on CPUs with bfloat16 instructions) or PyTorch's; auto times those that "
+        "run here at start-up and keeps the fastest",
+    ),
 ]
 
 _SWITCHES: list[tuple[str, str, str, str]] = [
@@ -271,13 +281,6 @@ _SWITCHES: list[tuple[str, str, str, str]] = [
         "compile",
         "COMPILE",
         "on CUDA, fuse element-wise kernels with torch.compile at start-up (faster decode); --no-compile to skip",
-    ),
-    (
-        "--onednn-linear",
-        "onednn_linear",
-        "ONEDNN_LINEAR",
-        "on the CPU in float32 (or bfloat16 where the CPU has bfloat16 instructions), linear layers with oneDNN "
-        "(--onednn-linear) or PyTorch's (--no-onednn-linear); unset, both are timed at start-up and the faster kept",
     ),
     (
         "--demo",
@@ -353,10 +356,13 @@ def load_settings(argv: Sequence[str] | None = None, environ: dict[str, str] | N
         parser.error(f"--dtype must be auto, bfloat16, float16 or float32, got {settings.dtype!r}")
     if settings.quantization not in QUANTIZATIONS:
         parser.error(f"--quantization must be {' or '.join(QUANTIZATIONS)}, got {settings.quantization!r}")
-    if settings.quantization != "none" and settings.onednn_linear is not None:
+    if settings.cpu_linear not in CPU_LINEAR_KERNELS:
+        *others, last = CPU_LINEAR_KERNELS
+        parser.error(f"--cpu-linear must be {', '.join(others)} or {last}, got {settings.cpu_linear!r}")
+    if settings.quantization != "none" and settings.cpu_linear != "auto":
         parser.error(
-            f"--onednn-linear / --no-onednn-linear choose the kernel of float linear layers; with "
-            f"--quantization {settings.quantization} every linear layer is {settings.quantization}: drop one of them"
+            f"--cpu-linear chooses the kernel of float linear layers; with --quantization "
+            f"{settings.quantization} every linear layer is {settings.quantization}: drop one of them"
         )
     if settings.speculative not in SPECULATIVE_METHODS:
         *others, last = SPECULATIVE_METHODS

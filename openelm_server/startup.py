@@ -19,13 +19,7 @@ from openelm_server.engine.async_engine import Engine
 from openelm_server.engine.config import EngineConfig
 from openelm_server.listen import ListenError
 from openelm_server.model.config import CheckpointError, OpenELMConfig
-from openelm_server.model.cpu_linear import (
-    ONEDNN_NEEDS,
-    can_use_onednn,
-    embedding_copy_megabytes,
-    onednn_runs,
-    use_onednn_linears,
-)
+from openelm_server.model.cpu_linear import NEEDS, embedding_copy_megabytes, kernel_runs, kernels_that_run, use_linears
 from openelm_server.model.kv_cache import KVCache
 from openelm_server.model.linear_choice import choose_int8_kernels, choose_linear_kernels
 from openelm_server.model.loader import checkpoint_files, load_openelm
@@ -35,6 +29,8 @@ from openelm_server.serving.chat_template import ChatTemplate, ChatTemplateError
 from openelm_server.tokenizer import TokenizerError, load_tokenizer
 
 log = logging.getLogger(__name__)
+
+FORCED_KERNEL_NAMES = {"own": "our float32", "onednn": "oneDNN's", "pytorch": "PyTorch's"}
 
 T = TypeVar("T")
 
@@ -255,7 +251,7 @@ def in_passing_thread(function: Callable[..., T], *args) -> T:
 def load_served_model(path: str, settings: Settings, device: torch.device, dtype: torch.dtype, role: str) -> OpenELM:
     """The model, or the draft, as the flags ask for both: ``--dtype``, ``--quantization``, and
     on the CPU the linear kernels (timed on this model's own shapes, or forced by
-    ``--onednn-linear``). ``role`` starts its log lines ("" for the model)."""
+    ``--cpu-linear``). ``role`` starts its log lines ("" for the model)."""
     model = load_openelm(path, device=device, dtype=dtype, quantization=settings.quantization)
     if settings.quantization == "int8":
         # int8 layers are no candidates for the float32 kernel choice below: there is no float weight left.
@@ -266,16 +262,18 @@ def load_served_model(path: str, settings: Settings, device: torch.device, dtype
         )
         if device.type == "cpu":
             choose_int8_kernels(model, role)
-    elif can_use_onednn(model):
-        if settings.onednn_linear is None:
-            choose_linear_kernels(model, role)
-        elif settings.onednn_linear:
-            use_onednn_linears(model)
-            log.info(
-                "%slinear layers use oneDNN (--onednn-linear); the token embedding is held twice, %.0f MB extra",
-                role,
-                embedding_copy_megabytes(model),
-            )
+    elif settings.cpu_linear != "auto":
+        use_linears(model, settings.cpu_linear)
+        extra = embedding_copy_megabytes(model) if settings.cpu_linear != "pytorch" else 0
+        log.info(
+            "%slinear layers run %s kernel, as --cpu-linear %s asks%s",
+            role,
+            FORCED_KERNEL_NAMES[settings.cpu_linear],
+            settings.cpu_linear,
+            f"; the token embedding is held twice, {extra:.0f} MB extra" if extra else "",
+        )
+    elif len(kernels_that_run(model)) > 1:
+        choose_linear_kernels(model, role)
     return model
 
 
@@ -304,10 +302,10 @@ def _build_engine(settings: Settings) -> tuple[Engine, object]:
     warn_if_slow_bfloat16(dtype, device, cpu_flags())
     if settings.quantization == "int8":
         check_int8_support(device)
-    if settings.onednn_linear and not onednn_runs(device, dtype):
+    if settings.cpu_linear != "auto" and not kernel_runs(settings.cpu_linear, device, dtype):
         raise StartupError(
-            f"--onednn-linear: {ONEDNN_NEEDS}; this server runs {str(dtype).removeprefix('torch.')} on {device}: "
-            "drop --onednn-linear"
+            f"--cpu-linear {settings.cpu_linear}: {NEEDS[settings.cpu_linear]}; this server runs "
+            f"{str(dtype).removeprefix('torch.')} on {device}: choose another or drop --cpu-linear"
         )
     model = load_served_model(settings.model_path, settings, device, dtype, role="")
     if settings.compile and device.type == "cuda":

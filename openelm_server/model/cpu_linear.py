@@ -1,4 +1,8 @@
-"""Linear layers for the CPU with their weights in oneDNN's own layout.
+"""Linear layers for the CPU with their weights in a kernel's own layout: ours or oneDNN's.
+
+Three float32 kernels can run a model's linear layers on the CPU, and start-up times them on the
+loaded model (linear_choice.py): PyTorch's ``F.linear`` on plain weights, oneDNN's (below), and
+ours (float32_cpu.py, where it builds), each holding the weights once, in its own layout.
 
 On the CPU, ``F.linear`` runs MKL's sgemm, which for the few rows of a decode step (one per
 running sequence) reads the weights far below the memory bandwidth, and slower still on AMD
@@ -18,14 +22,23 @@ import logging
 import torch
 from torch import nn
 
+from openelm_server.model import float32_cpu
 from openelm_server.model.openelm import OpenELM
 
 log = logging.getLogger(__name__)
 
+# --cpu-linear's kernels, as linear_choice.py names them; config.py holds the same names.
+KERNELS = ("own", "onednn", "pytorch")
+
+OWN_NEEDS = (
+    "our float32 linear kernel needs a float32 model on a CPU with AVX2 where it builds (the start-up log says "
+    "why it did not)"
+)
 ONEDNN_NEEDS = (
     "oneDNN linear layers need the CPU and a float32 model, or a bfloat16 one on a CPU with "
     "bfloat16 instructions (AVX512-BF16, AMX or AVX-NE-CONVERT)"
 )
+NEEDS = {"own": OWN_NEEDS, "onednn": ONEDNN_NEEDS, "pytorch": "PyTorch's CPU linear kernel needs the CPU"}
 
 
 class OneDnnLinear(nn.Module):
@@ -48,6 +61,46 @@ class OneDnnLinear(nn.Module):
         return out.view(*x.shape[:-1], self.out_features)
 
 
+class PanelLinear(nn.Module):
+    """``y = x @ weight.T`` with our float32 kernel, the weight held in its panels of 16 outputs."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = float32_cpu.pack(weight.detach())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).contiguous()
+        out = float32_cpu.load()(rows, self.weight, self.out_features)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def plain_weight(self) -> torch.Tensor:
+        return float32_cpu.unpack(self.weight, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, our float32 kernel"
+
+
+def own_runs(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether our float32 kernel can hold a model of ``dtype`` on ``device``: float32 on a CPU where it built."""
+    return device.type == "cpu" and dtype == torch.float32 and float32_cpu.load() is not None
+
+
+def kernel_runs(kernel: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``kernel`` (one of KERNELS) can hold the linear layers of a ``dtype`` model on ``device``."""
+    if kernel == "own":
+        return own_runs(device, dtype)
+    if kernel == "onednn":
+        return onednn_runs(device, dtype)
+    return device.type == "cpu"
+
+
+def kernels_that_run(model: OpenELM) -> list[str]:
+    """The kernels of KERNELS that can hold ``model``'s float linear layers here, in that order."""
+    weight = model.transformer.token_embeddings.weight
+    return [kernel for kernel in KERNELS if kernel_runs(kernel, weight.device, weight.dtype)]
+
+
 def onednn_runs(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether oneDNN linear layers can hold a model of ``dtype`` on ``device`` (see above)."""
     if device.type != "cpu" or not torch.backends.mkldnn.is_available():
@@ -62,25 +115,33 @@ def can_use_onednn(model: OpenELM) -> bool:
     return onednn_runs(weight.device, weight.dtype)
 
 
-def use_onednn_linears(model: OpenELM) -> None:
-    """Swap every linear layer of ``model`` for a oneDNN one, in place, so that the weights are
-    held once, in oneDNN's layout. With tied embeddings the logits get a reordered copy of the
-    embedding matrix (the lookup still needs the plain one): that copy is the only extra memory
-    (164 MB for 270M, 393 MB for 3B)."""
-    if not can_use_onednn(model):
-        raise ValueError(ONEDNN_NEEDS)
+def use_linears(model: OpenELM, kernel: str) -> None:
+    """Hold every linear layer of ``model`` for ``kernel`` (one of KERNELS), in place, the weights
+    once, in its layout. With tied embeddings the logits of "own" and "onednn" get a copy of the
+    embedding matrix in theirs (the lookup still needs the plain one): that copy is the only extra
+    memory (164 MB for 270M, 393 MB for 3B)."""
+    if kernel not in kernels_that_run(model):
+        raise ValueError(NEEDS[kernel])
+    use_plain_linears(model)
+    if kernel == "pytorch":
+        return
+    layer = OneDnnLinear if kernel == "onednn" else PanelLinear
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) and child.bias is None:
-                setattr(module, name, OneDnnLinear(child.weight))
+                setattr(module, name, layer(child.weight))
     if model.lm_head is None:
-        model.lm_head = OneDnnLinear(model.transformer.token_embeddings.weight)
+        model.lm_head = layer(model.transformer.token_embeddings.weight)
     _release_checkpoint_file(model)
 
 
+def use_onednn_linears(model: OpenELM) -> None:
+    use_linears(model, "onednn")
+
+
 def embedding_copy_megabytes(model: OpenELM) -> float:
-    """What oneDNN costs in memory: with tied embeddings, the logits' reordered copy of the
-    embedding matrix (the lookup still needs the plain one)."""
+    """What ours and oneDNN's kernels cost in memory: with tied embeddings, the logits' copy of
+    the embedding matrix in their layout (the lookup still needs the plain one)."""
     embedding = model.transformer.token_embeddings.weight
     return embedding.numel() * embedding.element_size() / 1e6 if model.config.share_input_output_layers else 0.0
 
@@ -95,11 +156,11 @@ def _release_checkpoint_file(model: OpenELM) -> None:
 
 
 def use_plain_linears(model: OpenELM) -> None:
-    """Undo :func:`use_onednn_linears`: plain ``nn.Linear`` layers with dense weights again."""
+    """Undo :func:`use_linears`: plain ``nn.Linear`` layers with dense weights again."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if isinstance(child, OneDnnLinear):
-                weight = child.weight.to_dense()
+            if isinstance(child, (OneDnnLinear, PanelLinear)):
+                weight = child.weight.to_dense() if isinstance(child, OneDnnLinear) else child.plain_weight()
                 with torch.device("meta"):
                     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
                 linear.weight = nn.Parameter(weight, requires_grad=False)

@@ -21,22 +21,18 @@ Invariants:
 - Every output is one row's dot product with one weight row, summed in the same order (8 lanes
   over the inputs, then the lanes) whatever the number of rows or threads: a row's numbers do
   not depend on its batch.
-- Built with ``torch.utils.cpp_extension`` the first time a process asks for it (about a minute
-  on 2 cores; cached in PyTorch's extensions directory afterwards), only on CPUs that PyTorch
-  itself runs with AVX2 or AVX-512. Where that fails (no C++ compiler, another architecture),
-  :func:`load` says why once and returns None, and int8 layers keep PyTorch's kernel.
+- Built as cpu_extension.py says, the first time a process asks for it. Where that fails,
+  :func:`load` returns None and int8 layers keep PyTorch's kernel.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
-import time
 from collections.abc import Callable
 
 import torch
 
-log = logging.getLogger(__name__)
+from openelm_server.model import cpu_extension
 
 _SOURCE = r"""
 #include <ATen/ATen.h>
@@ -139,27 +135,6 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
 def load() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None:
     """The kernel, ``(x, weight, scales) -> y``, built on first call; None where it cannot run
     here (logged once, with the reason)."""
-    capability = torch.backends.cpu.get_cpu_capability()
-    if capability not in ("AVX2", "AVX512"):
-        log.info("int8 layers use PyTorch's CPU kernel: ours needs AVX2, and this CPU runs PyTorch with %s", capability)
+    if not cpu_extension.build("openelm_int8_cpu", _SOURCE, "int8 layers use PyTorch's CPU kernel"):
         return None
-    started = time.perf_counter()
-    try:
-        from torch.utils.cpp_extension import load_inline
-
-        load_inline(
-            "openelm_int8_cpu",
-            cpp_sources=_SOURCE,
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-        )
-    except Exception as error:  # no compiler, no ninja, a failed build: all mean "not here"
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        log.warning("int8 layers use PyTorch's CPU kernel: building ours failed (%s)", reason[:200])
-        return None
-    log.info(
-        "our int8 CPU kernel is ready (built or loaded in %.1f s; the first build takes about a minute)",
-        time.perf_counter() - started,
-    )
     return torch.ops.openelm_int8_cpu.int8_matmul

@@ -1,11 +1,16 @@
-"""The CPU's linear-layer kernels, chosen at start-up by timing both on the loaded model.
+"""The CPU's linear-layer kernels, chosen at start-up by timing them on the loaded model.
 
-oneDNN with weights reordered once wins on some CPUs and loses on others: on a 2-core AMD EPYC
-an OpenELM-270M float32 decode step took 50 ms with it against 81 ms with PyTorch's default
-(MKL sgemm), while on a 2-core Intel Xeon with AVX-512 it was 25% slower than the default. So
-the server times the steps it will run (one decode step of 1 and of 8 sequences, and a 64-token
-prefill) with each and keeps the faster. ``--onednn-linear`` / ``--no-onednn-linear`` force one
-and skip the timing. Either way the weights are held once.
+Kernels win on some CPUs and lose on others: on a 2-core AMD EPYC an OpenELM-270M float32 decode
+step took 50 ms with oneDNN (weights reordered once) against 81 ms with PyTorch's default (MKL
+sgemm), while on a 2-core Intel Xeon with AVX-512 oneDNN was 25% slower than the default. So the
+server times the steps it will run (one decode step of 1 and of 8 sequences, and a 64-token
+prefill) with each kernel that runs here (cpu_linear.py: ours, oneDNN's, PyTorch's) and keeps
+the fastest; ``--cpu-linear`` forces one and skips the timing. Either way the weights are held once.
+
+Ours is kept unless another is clearly faster (:data:`OWN_KERNEL_MARGIN`): it is the one whose
+numbers for a request do not depend on the other requests in its step (float32_cpu.py), and all
+three differ in rounding, so choosing on a timing's noise would let two starts of one server on
+one machine answer differently.
 
 int8 models are timed between our AVX2 kernel (int8_cpu.py) and PyTorch's, which read the same
 int8 weights but differ in precision: ours multiplies in float32, PyTorch's in bfloat16, and a
@@ -22,7 +27,7 @@ import time
 
 import torch
 
-from openelm_server.model.cpu_linear import embedding_copy_megabytes, use_onednn_linears, use_plain_linears
+from openelm_server.model.cpu_linear import embedding_copy_megabytes, kernels_that_run, use_linears
 from openelm_server.model.openelm import ForwardBatch, OpenELM
 from openelm_server.model.quantize import Int8Linear
 
@@ -32,6 +37,8 @@ DECODE_ROWS = (1, 8)
 PREFILL_TOKENS = 64
 REPEATS = 3
 PYTORCH_INT8_MARGIN = 1.5  # how much faster PyTorch's bfloat16 int8 kernel must be than ours
+OWN_KERNEL_MARGIN = 1.2  # how much faster another float kernel must be than ours
+KERNEL_NAMES = {"own": "ours", "onednn": "oneDNN", "pytorch": "PyTorch"}
 
 
 @torch.inference_mode()
@@ -64,29 +71,31 @@ def time_steps(model: OpenELM) -> float:
     return total * 1e3
 
 
-def choose_linear_kernels(model: OpenELM, role: str = "") -> bool:
-    """Time PyTorch's linears, then oneDNN's, keep the faster; True when oneDNN was kept.
-    ``role`` starts the log line (the draft model's choice is its own)."""
-    plain_ms = time_steps(model)
-    use_onednn_linears(model)
-    onednn_ms = time_steps(model)
-    keep_onednn = onednn_ms < plain_ms
-    if not keep_onednn:
-        use_plain_linears(model)
+def choose_linear_kernels(model: OpenELM, role: str = "") -> str:
+    """Time every float kernel that runs here on ``model``, keep the fastest (ours unless another
+    is OWN_KERNEL_MARGIN times as fast) and return its name (cpu_linear.KERNELS). ``role`` starts
+    the log line (the draft model's choice is its own)."""
+    timings = {}
+    for kernel in reversed(kernels_that_run(model)):  # PyTorch's first: the plain weights it holds at load
+        use_linears(model, kernel)
+        timings[kernel] = time_steps(model)
+    kept = min(timings, key=timings.get)
+    if "own" in timings and timings[kept] * OWN_KERNEL_MARGIN >= timings["own"]:
+        kept = "own"
+    use_linears(model, kept)
     log.info(
-        "%slinear kernels timed on this CPU (decode of %s sequences + a %d-token prefill): oneDNN %.0f ms, "
-        "PyTorch %.0f ms; using %s (--onednn-linear / --no-onednn-linear to force one)%s",
+        "%slinear kernels timed on this CPU (decode of %s sequences + a %d-token prefill): %s; using %s "
+        "(--cpu-linear to force one)%s",
         role,
         " and ".join(map(str, DECODE_ROWS)),
         PREFILL_TOKENS,
-        onednn_ms,
-        plain_ms,
-        "oneDNN" if keep_onednn else "PyTorch",
-        f"; oneDNN holds the token embedding twice, {embedding_copy_megabytes(model):.0f} MB extra"
-        if keep_onednn
+        ", ".join(f"{KERNEL_NAMES[kernel]} {ms:.0f} ms" for kernel, ms in reversed(timings.items())),
+        KERNEL_NAMES[kept],
+        f"; {KERNEL_NAMES[kept]} holds the token embedding twice, {embedding_copy_megabytes(model):.0f} MB extra"
+        if kept != "pytorch" and embedding_copy_megabytes(model)
         else "",
     )
-    return keep_onednn
+    return kept
 
 
 def choose_int8_kernels(model: OpenELM, role: str = "") -> str:

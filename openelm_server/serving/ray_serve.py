@@ -51,7 +51,7 @@ AUTOSCALING_ARGS = ("min_replicas", "max_replicas", "target_ongoing_requests")
 # Ray Serve's proxy owns the listening address, for all replicas together.
 PROXY_SETTINGS = ("host", "port")
 # api.py's on/off flags (--cuda-graphs / --no-cuda-graphs): true or false here. Read from its
-# parser, which knows them whatever their type in Settings (onednn_linear may also be unset).
+# parser, which knows them whatever their type in Settings.
 SWITCHES = {action.dest for action in build_parser()._actions if isinstance(action, argparse.BooleanOptionalAction)}
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")

@@ -66,7 +66,7 @@ def test_config_file_arguments_keep_their_yaml_types():
             "device": "cpu",
             "num_replicas": 3,
             "compile": False,
-            "onednn_linear": True,
+            "prefix_caching": False,
             "cors_origins": ["http://a.example", "http://b.example"],
             "max_model_len": 512,
             "api_key": None,
@@ -74,7 +74,7 @@ def test_config_file_arguments_keep_their_yaml_types():
     )
     _, config, settings = deployment_of(app)
     assert config.num_replicas == 3 and settings.max_model_len == 512
-    assert (settings.compile, settings.onednn_linear, settings.api_key) == (False, True, None)
+    assert (settings.compile, settings.prefix_caching, settings.api_key) == (False, False, None)
     assert settings.cors_origins == ("http://a.example", "http://b.example")
 
 

@@ -1,5 +1,5 @@
 """The draft model is prepared as the flags ask for the model: ``--quantization int8`` makes its
-linear layers int8 too, ``--onednn-linear`` gives it oneDNN's, and the default times the kernels
+linear layers int8 too, ``--cpu-linear`` gives it the kernel forced, and the default times the kernels
 on its own shapes. Greedy answers stay the model's whatever the draft holds."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from engine_helpers import greedy, reference, run_together
 from torch import nn
 
 from openelm_server.config import Settings
-from openelm_server.model.cpu_linear import OneDnnLinear
+from openelm_server.model.cpu_linear import OneDnnLinear, PanelLinear
 from openelm_server.model.quantize import Int8Linear
 from openelm_server.startup import build_engine
 
@@ -30,7 +30,7 @@ def settings(model_dir, tokenizer_dir, speculative: str, **fields) -> Settings:
 
 
 def linear_layers(model) -> list:
-    return [m for m in model.modules() if isinstance(m, (nn.Linear, Int8Linear, OneDnnLinear))]
+    return [m for m in model.modules() if isinstance(m, (nn.Linear, Int8Linear, OneDnnLinear, PanelLinear))]
 
 
 def test_an_int8_server_drafts_with_int8_layers_and_answers_as_without_a_draft(
@@ -55,15 +55,15 @@ def test_an_int8_server_drafts_with_int8_layers_and_answers_as_without_a_draft(
     assert answers["draft"] == answers["none"]
 
 
-@pytest.mark.parametrize("onednn_linear", [True, None], ids=["forced", "timed"])
-def test_the_draft_gets_the_linear_kernels_of_its_own(caplog, shared_model_dir, shared_tokenizer_dir, onednn_linear):
+@pytest.mark.parametrize("cpu_linear", ["onednn", "auto"], ids=["forced", "timed"])
+def test_the_draft_gets_the_linear_kernels_of_its_own(caplog, shared_model_dir, shared_tokenizer_dir, cpu_linear):
     with caplog.at_level(logging.INFO):
-        engine, _ = build_engine(settings(shared_model_dir, shared_tokenizer_dir, "draft", onednn_linear=onednn_linear))
+        engine, _ = build_engine(settings(shared_model_dir, shared_tokenizer_dir, "draft", cpu_linear=cpu_linear))
     draft = engine.core.draft_proposer.model
     kinds = {type(layer).__name__ for layer in linear_layers(draft)}
-    if onednn_linear:
+    if cpu_linear == "onednn":
         assert kinds == {"OneDnnLinear"}
-        assert "draft model: linear layers use oneDNN (--onednn-linear)" in caplog.text
+        assert "draft model: linear layers run oneDNN's kernel, as --cpu-linear onednn asks" in caplog.text
     else:
         assert len(kinds) == 1  # whichever was faster here, for every layer
         assert "draft model: linear kernels timed on this CPU" in caplog.text

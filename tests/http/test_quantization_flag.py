@@ -58,9 +58,9 @@ def test_the_flag_and_its_env_twin():
         (["--quantization", "int4"], {}, "error: --quantization must be none or int8, got 'int4'"),
         ([], {"QUANTIZATION": "fp8"}, "error: --quantization must be none or int8, got 'fp8'"),
         (
-            ["--quantization", "int8", "--onednn-linear"],
+            ["--quantization", "int8", "--cpu-linear", "onednn"],
             {},
-            "error: --onednn-linear / --no-onednn-linear choose the kernel of float linear layers; "
+            "error: --cpu-linear chooses the kernel of float linear layers; "
             "with --quantization int8 every linear layer is int8",
         ),
     ],

@@ -1,7 +1,8 @@
-"""The CPU's linear kernels: oneDNN and PyTorch timed on the loaded model at start-up, the faster
-kept, the weights held once either way, and the answers the same whichever wins. bfloat16 models
-get oneDNN only on CPUs with bfloat16 instructions (the bfloat16 tests take the branch this CPU
-allows: an AVX-512 or AMX machine runs oneDNN's bfloat16 path, others check the refusal)."""
+"""The CPU's linear kernels: ours, oneDNN's and PyTorch's timed on the loaded model at start-up,
+the fastest kept (ours unless another is clearly faster), the weights held once whichever wins,
+and the answers the same. bfloat16 models get oneDNN only on CPUs with bfloat16 instructions (the
+bfloat16 tests take the branch this CPU allows: an AVX-512 or AMX machine runs oneDNN's bfloat16
+path, others check the refusal), and never our float32 kernel."""
 
 from __future__ import annotations
 
@@ -14,11 +15,21 @@ from torch import nn
 from openelm_server import startup
 from openelm_server.config import Settings, load_settings
 from openelm_server.model import linear_choice
-from openelm_server.model.cpu_linear import OneDnnLinear, can_use_onednn, use_onednn_linears, use_plain_linears
+from openelm_server.model.cpu_linear import (
+    OneDnnLinear,
+    PanelLinear,
+    can_use_onednn,
+    kernels_that_run,
+    use_linears,
+    use_onednn_linears,
+    use_plain_linears,
+)
 from openelm_server.model.linear_choice import choose_linear_kernels
 from openelm_server.model.loader import load_openelm
 from openelm_server.model.openelm import ForwardBatch, OpenELM
 from openelm_server.startup import StartupError, build_engine
+
+LAYERS = {"own": PanelLinear, "onednn": OneDnnLinear, "pytorch": nn.Linear}
 
 
 @torch.inference_mode()
@@ -31,34 +42,57 @@ def last_logits(model: OpenELM) -> torch.Tensor:
 @pytest.fixture
 def model(own_model_dir) -> OpenELM:
     model = load_openelm(own_model_dir, dtype=torch.float32)
-    if not can_use_onednn(model):
-        pytest.skip("oneDNN is not available in this torch build")
+    if kernels_that_run(model) != ["own", "onednn", "pytorch"]:
+        pytest.skip(f"only {kernels_that_run(model)} run here (oneDNN missing from torch, or our kernel did not build)")
     return model
 
 
 def kernels(model: OpenELM) -> set[type]:
-    return {type(m) for m in model.modules() if isinstance(m, (nn.Linear, OneDnnLinear))}
+    return {type(m) for m in model.modules() if isinstance(m, (nn.Linear, OneDnnLinear, PanelLinear))}
 
 
-def test_plain_linears_come_back_exactly(model):
+@pytest.mark.parametrize("kernel", ["own", "onednn"])
+def test_plain_linears_come_back_exactly(model, kernel):
     expected = last_logits(model)
-    use_onednn_linears(model)
-    assert kernels(model) == {OneDnnLinear}
+    use_linears(model, kernel)
+    assert kernels(model) == {LAYERS[kernel]}
+    assert isinstance(model.lm_head, LAYERS[kernel])  # tied embeddings: the logits get their own copy
     use_plain_linears(model)
     assert kernels(model) == {nn.Linear}
     assert model.lm_head is None  # tied embeddings again: the logits read the embedding
     assert torch.equal(last_logits(model), expected)
 
 
-@pytest.mark.parametrize("onednn_faster", [True, False])
-def test_the_faster_kernels_are_kept_and_logged(model, monkeypatch, caplog, onednn_faster):
+@pytest.mark.parametrize(
+    "timings, kept",
+    [
+        ({"pytorch": 30.0, "onednn": 20.0, "own": 10.0}, "own"),
+        ({"pytorch": 30.0, "onednn": 10.0, "own": 20.0}, "onednn"),
+        ({"pytorch": 10.0, "onednn": 20.0, "own": 30.0}, "pytorch"),
+        # within OWN_KERNEL_MARGIN of ours: ours, so that noise does not change the answers
+        ({"pytorch": 30.0, "onednn": 9.5, "own": 10.0}, "own"),
+        ({"pytorch": 30.0, "onednn": 8.5, "own": 10.0}, "own"),
+        ({"pytorch": 30.0, "onednn": 8.0, "own": 10.0}, "onednn"),
+    ],
+)
+def test_the_fastest_kernels_are_kept_and_logged(model, monkeypatch, caplog, timings, kept):
     expected = last_logits(model)
-    timings = iter([20.0, 10.0] if onednn_faster else [10.0, 20.0])  # PyTorch first, then oneDNN
-    monkeypatch.setattr(linear_choice, "time_steps", lambda model: next(timings))
+    timed = []
+
+    def time_steps(model):
+        (kernel,) = [name for name, layer in LAYERS.items() if kernels(model) == {layer}]
+        timed.append(kernel)
+        return timings[kernel]
+
+    monkeypatch.setattr(linear_choice, "time_steps", time_steps)
     with caplog.at_level(logging.INFO, logger="openelm_server.model.linear_choice"):
-        assert choose_linear_kernels(model) is onednn_faster
-    assert kernels(model) == ({OneDnnLinear} if onednn_faster else {nn.Linear})
-    assert f"using {'oneDNN' if onednn_faster else 'PyTorch'}" in caplog.text
+        assert choose_linear_kernels(model) == kept
+    assert sorted(timed) == sorted(timings)
+    assert kernels(model) == {LAYERS[kept]}
+    line = caplog.records[-1].getMessage()
+    own, onednn, pytorch = (timings[kernel] for kernel in ("own", "onednn", "pytorch"))
+    assert f"ours {own:.0f} ms, oneDNN {onednn:.0f} ms, PyTorch {pytorch:.0f} ms" in line
+    assert f"using {linear_choice.KERNEL_NAMES[kept]} (--cpu-linear to force one)" in line
     assert torch.allclose(last_logits(model), expected, atol=1e-4)
 
 
@@ -66,18 +100,52 @@ def test_the_timing_runs_on_the_real_model(model):
     assert linear_choice.time_steps(model) > 0
 
 
+def test_without_our_kernel_the_choice_is_between_the_others(own_model_dir, monkeypatch):
+    from openelm_server.model import float32_cpu
+
+    monkeypatch.setattr(float32_cpu, "load", lambda: None)
+    model = load_openelm(own_model_dir, dtype=torch.float32)
+    assert "own" not in kernels_that_run(model)
+    assert choose_linear_kernels(model) in ("onednn", "pytorch")
+    with pytest.raises(ValueError, match="our float32 linear kernel needs"):
+        use_linears(model, "own")
+
+
 @pytest.mark.parametrize(
     "argv, environ, expected",
     [
-        ([], {}, None),
-        (["--onednn-linear"], {}, True),
-        (["--no-onednn-linear"], {}, False),
-        ([], {"ONEDNN_LINEAR": "0"}, False),
-        ([], {"ONEDNN_LINEAR": "1"}, True),
+        ([], {}, "auto"),
+        (["--cpu-linear", "own"], {}, "own"),
+        (["--cpu-linear", "pytorch"], {}, "pytorch"),
+        ([], {"CPU_LINEAR": "onednn"}, "onednn"),
+        (["--cpu-linear", "auto"], {"CPU_LINEAR": "onednn"}, "auto"),
     ],
 )
-def test_unset_means_timed_and_flags_force_one(argv, environ, expected):
-    assert load_settings(argv, environ).onednn_linear is expected
+def test_auto_means_timed_and_the_flag_forces_one(argv, environ, expected):
+    assert load_settings(argv, environ).cpu_linear == expected
+
+
+def test_an_unknown_kernel_stops_start_up(capsys):
+    with pytest.raises(SystemExit):
+        load_settings(["--cpu-linear", "mkl"], {})
+    assert "error: --cpu-linear must be auto, own, onednn or pytorch, got 'mkl'" in capsys.readouterr().err
+
+
+def test_a_forced_kernel_is_what_the_server_runs(own_model_dir, own_tokenizer_dir, caplog):
+    settings = Settings(
+        model_path=str(own_model_dir),
+        tokenizer_path=str(own_tokenizer_dir),
+        device="cpu",
+        cpu_linear="own",
+        max_batch_size=2,
+        max_model_len=64,
+    )
+    with caplog.at_level(logging.INFO, logger="openelm_server.startup"):
+        engine, _ = build_engine(settings)
+    if engine.core.model.lm_head is None or not isinstance(engine.core.model.lm_head, PanelLinear):
+        pytest.fail("--cpu-linear own did not give our kernel")
+    assert kernels(engine.core.model) == {PanelLinear}
+    assert "linear layers run our float32 kernel, as --cpu-linear own asks" in caplog.text
 
 
 BF16_ONEDNN = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -106,7 +174,7 @@ def test_onednn_forced_where_it_cannot_run_stops_the_start_up_before_the_load(
         tokenizer_path=str(own_tokenizer_dir),
         device="cpu",
         dtype="bfloat16",
-        onednn_linear=True,
+        cpu_linear="onednn",
         max_batch_size=2,
         max_model_len=64,
     )
@@ -120,6 +188,24 @@ def test_onednn_forced_where_it_cannot_run_stops_the_start_up_before_the_load(
 
     monkeypatch.setattr(startup, "load_openelm", no_load)
     with pytest.raises(
-        StartupError, match="--onednn-linear: .* this server runs bfloat16 on cpu: drop --onednn-linear"
+        StartupError, match="--cpu-linear onednn: .* this server runs bfloat16 on cpu: choose another or drop"
     ):
+        build_engine(settings)
+
+
+def test_our_kernel_forced_on_a_bfloat16_model_stops_the_start_up_before_the_load(
+    own_model_dir, own_tokenizer_dir, monkeypatch
+):
+    def no_load(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the flag was refused")
+
+    monkeypatch.setattr(startup, "load_openelm", no_load)
+    settings = Settings(
+        model_path=str(own_model_dir),
+        tokenizer_path=str(own_tokenizer_dir),
+        device="cpu",
+        dtype="bfloat16",
+        cpu_linear="own",
+    )
+    with pytest.raises(StartupError, match="--cpu-linear own: our float32 linear kernel needs a float32 model"):
         build_engine(settings)

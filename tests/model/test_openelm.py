@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from openelm_server.model.config import OpenELMConfig
-from openelm_server.model.cpu_linear import OneDnnLinear, can_use_onednn, use_onednn_linears
+from openelm_server.model.cpu_linear import OneDnnLinear, PanelLinear, kernels_that_run, use_linears
 from openelm_server.model.loader import count_parameters, load_openelm
 from openelm_server.model.openelm import ForwardBatch, OpenELM
 from openelm_server.testing.checkpoints import published_config, write_tiny_checkpoint
@@ -61,19 +61,17 @@ def reference(shared_model_dir):
     return json.loads((shared_model_dir / "reference.json").read_text())
 
 
-def with_onednn(model: OpenELM) -> OpenELM:
-    if not can_use_onednn(model):
-        pytest.skip("oneDNN is not available in this torch build")
-    use_onednn_linears(model)
+def with_kernel(model: OpenELM, kernel: str) -> OpenELM:
+    if kernel not in kernels_that_run(model):
+        pytest.skip(f"the {kernel} linear kernel does not run here")
+    use_linears(model, kernel)
     return model
 
 
-@pytest.fixture(scope="module", params=["pytorch", "onednn"])
+@pytest.fixture(scope="module", params=["pytorch", "onednn", "own"])
 def shared_model(request, shared_model_dir) -> OpenELM:
-    """The reference must hold both for plain PyTorch linears and for the oneDNN ones that
-    the server uses on the CPU in float32."""
-    model = load_openelm(shared_model_dir, dtype=torch.float32)
-    return with_onednn(model) if request.param == "onednn" else model
+    """The reference must hold for every float32 linear kernel the server may choose on the CPU."""
+    return with_kernel(load_openelm(shared_model_dir, dtype=torch.float32), request.param)
 
 
 def test_reproduces_reference_one_prompt_at_a_time(shared_model, reference):
@@ -196,13 +194,15 @@ def test_bfloat16_on_cpu_is_close_to_float32(own_model_dir, own_model):
     assert torch.topk(logits_bf16, 5).indices[0] in torch.topk(logits_fp32, 5).indices
 
 
+@pytest.mark.parametrize("kernel", ["onednn", "own"])
 @pytest.mark.parametrize("tied", [True, False], ids=["tied-embeddings", "own-lm-head"])
-def test_onednn_linears_match_pytorch_and_keep_the_cache_consistent(tmp_path, own_tokenizer_dir, tied):
+def test_cpu_linear_kernels_match_pytorch_and_keep_the_cache_consistent(tmp_path, own_tokenizer_dir, tied, kernel):
+    # vocab 400 is no multiple of our kernel's 16-output panels: the last panel is part padding.
     directory = write_tiny_checkpoint(tmp_path / "model", vocab_size=400, share_input_output_layers=tied)
     plain = load_openelm(directory, dtype=torch.float32)
-    fast = with_onednn(load_openelm(directory, dtype=torch.float32))
+    fast = with_kernel(load_openelm(directory, dtype=torch.float32), kernel)
     assert not any(isinstance(m, torch.nn.Linear) for m in fast.modules())
-    assert isinstance(fast.lm_head, OneDnnLinear)
+    assert isinstance(fast.lm_head, {"onednn": OneDnnLinear, "own": PanelLinear}[kernel])
     prompts = [[1, 17, 42, 99, 7], [1, 250, 11], [1, 3, 5, 7, 9, 11, 13]]
     plain_outputs, plain_logits = greedy_batch(plain, prompts, 12)
     fast_outputs, fast_logits = greedy_batch(fast, prompts, 12, slots=[2, 0, 1])

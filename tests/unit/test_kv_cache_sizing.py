@@ -67,7 +67,7 @@ def serving_settings(model_dir: Path, tokenizer_dir: Path, draft_dir: Path | Non
         draft_model_path=None if draft_dir is None else str(draft_dir),
         speculative="none" if draft_dir is None else "draft",
         device="cpu",
-        onednn_linear=False,
+        cpu_linear="pytorch",
         **fields,
     )
 
