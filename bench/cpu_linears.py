@@ -9,11 +9,11 @@ bandwidth; 16 streams multiply each weight by 16 rows, so theirs should run near
 arithmetic peak. This times, for each row count, one pass over all of the model's linear layers in
 order (each weight cold in the caches, as in a step), with each kernel the server can use:
 
-* ``own``: our float32 AVX2 kernel (float32_cpu.py) on weights in its panels, where it builds;
+* ``own``: our float32 AVX2 kernel (cpu_matmul.py) on weights in its panels, where it builds;
 * ``onednn``: oneDNN's inner product on weights reordered once (cpu_linear.py);
 * ``pytorch``: ``F.linear`` (MKL's sgemm);
 * ``int8``: ``aten._weight_int8pack_mm`` on int8 weights with bfloat16 activations;
-* ``int8_own``: our AVX2 int8 kernel (int8_cpu.py), float32 activations, where it builds.
+* ``int8_own``: our AVX2 kernel on int8 weights (cpu_matmul.py), float32 activations, where it builds.
 
 and reports GB/s of weights read and GFLOP/s, next to this machine's memory read bandwidth and
 its float32 matmul peak (a large square product). Random weights: only shapes matter here.
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from bench.bandwidth import measure_bandwidth
 from bench.common import machine_info, now_iso, versions, write_json
-from openelm_server.model import float32_cpu, int8_cpu
+from openelm_server.model import cpu_matmul
 from openelm_server.model.config import OpenELMConfig
 from openelm_server.testing.checkpoints import published_config
 
@@ -85,24 +85,19 @@ def kernels(weights: list[torch.Tensor]) -> dict:
             torch.ops.aten._weight_int8pack_mm(inputs[w.shape[1]].to(torch.bfloat16), w, s)
 
     found = {"onednn": run_onednn, "pytorch": run_pytorch, "int8": run_int8}
-    float32_kernel = float32_cpu.load()
-    if float32_kernel is not None:
-        panels = [(float32_cpu.pack(w), w.shape[0]) for w in weights]
+    if cpu_matmul.available():
+        panels = [(cpu_matmul.pack(w), w.shape[0]) for w in weights]
+        int8_panels = [(cpu_matmul.pack(w), s.float(), w.shape[0]) for w, s in int8]
 
         def run_own(inputs):
             for packed, out_features in panels:
-                float32_kernel(inputs[packed.shape[1]], packed, out_features)
-
-        found = {"own": run_own, **found}
-    own_kernel = int8_cpu.load()
-    if own_kernel is not None:
-        own = [(int8_cpu.pack(w), s.float()) for w, s in int8]
+                cpu_matmul.float32_matmul(inputs[packed.shape[1]], packed, out_features)
 
         def run_int8_own(inputs):
-            for w, s in own:
-                own_kernel(inputs[w.shape[1]], w, s)
+            for packed, scales, out_features in int8_panels:
+                cpu_matmul.int8_matmul(inputs[packed.shape[1]], packed, scales, out_features)
 
-        found["int8_own"] = run_int8_own
+        found = {"own": run_own, **found, "int8_own": run_int8_own}
     return found
 
 

@@ -2,7 +2,7 @@
 
 Three float32 kernels can run a model's linear layers on the CPU, and start-up times them on the
 loaded model (linear_choice.py): PyTorch's ``F.linear`` on plain weights, oneDNN's (below), and
-ours (float32_cpu.py, where it builds), each holding the weights once, in its own layout.
+ours (cpu_matmul.py, where it builds), each holding the weights once, in its own layout.
 
 On the CPU, ``F.linear`` runs MKL's sgemm, which for the few rows of a decode step (one per
 running sequence) reads the weights far below the memory bandwidth, and slower still on AMD
@@ -22,7 +22,7 @@ import logging
 import torch
 from torch import nn
 
-from openelm_server.model import float32_cpu
+from openelm_server.model import cpu_matmul
 from openelm_server.model.openelm import OpenELM
 
 log = logging.getLogger(__name__)
@@ -67,15 +67,15 @@ class PanelLinear(nn.Module):
     def __init__(self, weight: torch.Tensor):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.weight = float32_cpu.pack(weight.detach())
+        self.weight = cpu_matmul.pack(weight.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).contiguous()
-        out = float32_cpu.load()(rows, self.weight, self.out_features)
+        out = cpu_matmul.float32_matmul(rows, self.weight, self.out_features)
         return out.view(*x.shape[:-1], self.out_features)
 
     def plain_weight(self) -> torch.Tensor:
-        return float32_cpu.unpack(self.weight, self.out_features)
+        return cpu_matmul.unpack(self.weight, self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, our float32 kernel"
@@ -83,7 +83,7 @@ class PanelLinear(nn.Module):
 
 def own_runs(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether our float32 kernel can hold a model of ``dtype`` on ``device``: float32 on a CPU where it built."""
-    return device.type == "cpu" and dtype == torch.float32 and float32_cpu.load() is not None
+    return device.type == "cpu" and dtype == torch.float32 and cpu_matmul.available()
 
 
 def kernel_runs(kernel: str, device: torch.device, dtype: torch.dtype) -> bool:

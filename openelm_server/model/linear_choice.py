@@ -8,11 +8,11 @@ prefill) with each kernel that runs here (cpu_linear.py: ours, oneDNN's, PyTorch
 the fastest; ``--cpu-linear`` forces one and skips the timing. Either way the weights are held once.
 
 Ours is kept unless another is clearly faster (:data:`OWN_KERNEL_MARGIN`): it is the one whose
-numbers for a request do not depend on the other requests in its step (float32_cpu.py), and all
+numbers for a request do not depend on the other requests in its step (cpu_matmul.py), and all
 three differ in rounding, so choosing on a timing's noise would let two starts of one server on
 one machine answer differently.
 
-int8 models are timed between our AVX2 kernel (int8_cpu.py) and PyTorch's, which read the same
+int8 models are timed between our AVX2 kernel (cpu_matmul.py) and PyTorch's, which read the same
 int8 weights but differ in precision: ours multiplies in float32, PyTorch's in bfloat16, and a
 greedy answer can differ between them. So PyTorch's is taken only when it is clearly faster
 (:data:`PYTORCH_INT8_MARGIN`), not on a timing's noise: two starts of one server on one machine

@@ -8,13 +8,12 @@ row's largest magnitude / 127. Activations stay floating point; embeddings and n
 Invariants of :class:`Int8Linear`:
 
 - ``weight`` is int8 [out_features, in_features], contiguous, in a fresh (64-byte aligned)
-  allocation; with our CPU kernel (``cpu_kernel == "own"``) its rows are in that kernel's
-  packed layout (int8_cpu.pack), and :meth:`Int8Linear.dequantized` unpacks them. ``scales``
-  is float32 [out_features].
+  allocation; with our CPU kernel (``cpu_kernel == "own"``) it is in that kernel's panels
+  instead (cpu_matmul.pack: [ceil(out_features / 16), in_features, 16]), and
+  :meth:`Int8Linear.dequantized` unpacks it. ``scales`` is float32 [out_features].
 - ``in_features`` is a multiple of :data:`IN_FEATURES_MULTIPLE`: PyTorch's CPU kernel reads 8
   (AVX2) or 16 (AVX-512) values at a time and reads garbage past the row's end otherwise
-  (measured: wrong outputs for in_features = 3, 5, 60, ... in bfloat16, with no error raised);
-  ours reads 8 and refuses other widths.
+  (measured: wrong outputs for in_features = 3, 5, 60, ... in bfloat16, with no error raised).
 - The tied output layer (OpenELM shares the token embedding with the logits) gets an int8 copy
   of the embedding: the lookup keeps the float table, the logits read the int8 one. That costs a
   quarter of the float32 embedding (41 MB for 270M) and saves reading the whole float table every
@@ -23,7 +22,7 @@ Invariants of :class:`Int8Linear`:
 
 The matmul:
 
-- CPU: our own kernel (int8_cpu.py: AVX2, float32 products and sums) where it builds, else
+- CPU: our own kernel (cpu_matmul.py: AVX2, float32 products and sums) where it builds, else
   PyTorch's ``aten._weight_int8pack_mm``; start-up times both on the model and keeps ours unless
   PyTorch's is clearly faster (linear_choice.py); ``cpu_kernel`` says which a layer uses.
   PyTorch's runs in bfloat16: its float32 variant is a plain scalar loop on x86 (5-10x slower
@@ -48,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from openelm_server.model import int8_cpu
+from openelm_server.model import cpu_matmul
 
 QUANTIZATIONS = ("none", "int8")
 IN_FEATURES_MULTIPLE = 16
@@ -69,7 +68,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scales)
         self.cpu_kernel = "pytorch"
-        if weight.device.type == "cpu" and int8_cpu.load() is not None:
+        if weight.device.type == "cpu" and cpu_matmul.available():
             self.use_cpu_kernel("own")  # start-up times both and may switch back
 
     @classmethod
@@ -89,12 +88,13 @@ class Int8Linear(nn.Module):
     def use_cpu_kernel(self, kernel: str) -> None:
         """Compute with our CPU kernel ("own") or PyTorch's ("pytorch"), the weight laid out for it."""
         if kernel != self.cpu_kernel:
-            self.weight = int8_cpu.pack(self.weight) if kernel == "own" else int8_cpu.unpack(self.weight)
+            own = kernel == "own"
+            self.weight = cpu_matmul.pack(self.weight) if own else cpu_matmul.unpack(self.weight, self.out_features)
             self.cpu_kernel = kernel
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The float weight the layer stands for, rounded to ``dtype`` once (not the scales first)."""
-        weight = int8_cpu.unpack(self.weight) if self.cpu_kernel == "own" else self.weight
+        weight = cpu_matmul.unpack(self.weight, self.out_features) if self.cpu_kernel == "own" else self.weight
         return (weight.float() * self.scales.unsqueeze(1)).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -107,7 +107,7 @@ class Int8Linear(nn.Module):
             out = int8_weight_matmul(rows.contiguous(), self.weight, self.scales)
             return out.view(*x.shape[:-1], self.out_features)
         if self.cpu_kernel == "own":
-            out = int8_cpu.load()(rows.float().contiguous(), self.weight, self.scales)
+            out = cpu_matmul.int8_matmul(rows.float().contiguous(), self.weight, self.scales, self.out_features)
             return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
         rows = rows.to(torch.bfloat16).contiguous()
         if rows.data_ptr() % _ALIGNMENT_BYTES:
