@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from bench.bandwidth import measure_bandwidth
 from bench.common import machine_info, now_iso, versions, write_json
-from openelm_server.model import cpu_matmul
+from openelm_server.model import cpu_extension, cpu_matmul
 from openelm_server.model.config import OpenELMConfig
 from openelm_server.testing.checkpoints import published_config
 
@@ -85,7 +85,7 @@ def kernels(weights: list[torch.Tensor]) -> dict:
             torch.ops.aten._weight_int8pack_mm(inputs[w.shape[1]].to(torch.bfloat16), w, s)
 
     found = {"onednn": run_onednn, "pytorch": run_pytorch, "int8": run_int8}
-    if cpu_matmul.available():
+    if cpu_extension.available():
         panels = [(cpu_matmul.pack(w), w.shape[0]) for w in weights]
         int8_panels = [(cpu_matmul.pack(w), s.float(), w.shape[0]) for w, s in int8]
 

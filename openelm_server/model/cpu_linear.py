@@ -22,7 +22,7 @@ import logging
 import torch
 from torch import nn
 
-from openelm_server.model import cpu_matmul
+from openelm_server.model import cpu_extension, cpu_matmul
 from openelm_server.model.openelm import OpenELM
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class PanelLinear(nn.Module):
 
 def own_runs(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether our float32 kernel can hold a model of ``dtype`` on ``device``: float32 on a CPU where it built."""
-    return device.type == "cpu" and dtype == torch.float32 and cpu_matmul.available()
+    return device.type == "cpu" and dtype == torch.float32 and cpu_extension.available()
 
 
 def kernel_runs(kernel: str, device: torch.device, dtype: torch.dtype) -> bool:

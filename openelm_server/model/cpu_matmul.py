@@ -22,33 +22,18 @@ Invariants:
   vector are 16 outputs, never parts of one sum; a block of inputs hands its partial sums to the
   next through memory, exactly), whatever the number of rows or threads: a row's numbers do not
   depend on its batch, nor on the thread count.
-- Built with ``torch.utils.cpp_extension`` the first time a process asks for it (about a minute on
-  2 cores; cached in PyTorch's extensions directory afterwards), only on CPUs that PyTorch itself
-  runs with AVX2 or AVX-512. Where that fails (no C++ compiler, no ninja, another architecture),
-  :func:`available` says why once and returns False, and the layers keep oneDNN's or PyTorch's kernels.
+- Built with our other CPU kernels into one extension (cpu_extension.py); where that cannot be,
+  the layers keep oneDNN's or PyTorch's kernels.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
-import time
-
 import torch
-
-log = logging.getLogger(__name__)
 
 PANEL = 16  # outputs per panel: two AVX2 vectors of float32
 
-_SOURCE = r"""
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-#include <immintrin.h>
-#include <algorithm>
-#include <vector>
-
-namespace {
+SOURCE = r"""
+namespace openelm_matmul {
 
 constexpr int64_t PANEL = 16;
 constexpr int64_t DEPTH = 256;    // inputs per block: a float32 panel's block is 16 KB, in L1 for every row group
@@ -196,15 +181,15 @@ at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& packed, const at::
   TORCH_CHECK(scales.size(0) == out, "scales: float32 [out], contiguous");
   return matmul<int8_t>(x, packed, scales.data_ptr<float>(), out);
 }
-}  // namespace
+}  // namespace openelm_matmul
 
-TORCH_LIBRARY(openelm_cpu_matmul, m) {
+TORCH_LIBRARY_FRAGMENT(openelm_cpu, m) {
   m.def("float32_matmul(Tensor x, Tensor packed, int out) -> Tensor");
   m.def("int8_matmul(Tensor x, Tensor packed, Tensor scales, int out) -> Tensor");
 }
-TORCH_LIBRARY_IMPL(openelm_cpu_matmul, CPU, m) {
-  m.impl("float32_matmul", &float32_matmul);
-  m.impl("int8_matmul", &int8_matmul);
+TORCH_LIBRARY_IMPL(openelm_cpu, CPU, m) {
+  m.impl("float32_matmul", &openelm_matmul::float32_matmul);
+  m.impl("int8_matmul", &openelm_matmul::int8_matmul);
 }
 """
 
@@ -227,41 +212,9 @@ def unpack(packed: torch.Tensor, out_features: int) -> torch.Tensor:
 
 def float32_matmul(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
     """``x @ weight.T`` for a packed float32 weight (see the invariants above)."""
-    return torch.ops.openelm_cpu_matmul.float32_matmul(x, packed, out_features)
+    return torch.ops.openelm_cpu.float32_matmul(x, packed, out_features)
 
 
 def int8_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, out_features: int) -> torch.Tensor:
     """``x @ (weight * scales[:, None]).T`` for a packed int8 weight (see the invariants above)."""
-    return torch.ops.openelm_cpu_matmul.int8_matmul(x, packed, scales, out_features)
-
-
-@functools.cache
-def available() -> bool:
-    """Whether the kernels run here, built on first call; where not, the log says why, once."""
-    capability = torch.backends.cpu.get_cpu_capability()
-    if capability not in ("AVX2", "AVX512"):
-        log.info(
-            "linear layers use oneDNN's or PyTorch's CPU kernels: ours need AVX2, and PyTorch runs with %s here",
-            capability,
-        )
-        return False
-    started = time.perf_counter()
-    try:
-        from torch.utils.cpp_extension import load_inline
-
-        load_inline(
-            "openelm_cpu_matmul",
-            cpp_sources=_SOURCE,
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-        )
-    except Exception as error:  # no compiler, no ninja, a failed build: all mean "not here"
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        log.warning("linear layers use oneDNN's or PyTorch's CPU kernels: building ours failed (%s)", reason[:200])
-        return False
-    log.info(
-        "our CPU matmul kernels are ready (built or loaded in %.1f s; the first build takes about a minute)",
-        time.perf_counter() - started,
-    )
-    return True
+    return torch.ops.openelm_cpu.int8_matmul(x, packed, scales, out_features)

@@ -8,6 +8,10 @@ engine's business (engine/block_manager.py); this file holds the tensors.
 
 Block 0 is scratch and never given to a sequence: padding tokens write there and padding entries
 of a block table point there, so padding never touches a sequence's keys.
+
+``attends_in_place``: a float32 cache on the CPU whose head_dim our decode attention takes
+(cpu_attention.py), where our CPU kernels build, is read in place by decode rows; every other
+cache is gathered block by block for SDPA.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from openelm_server.model import cpu_extension
 
 BLOCK_SIZE = 16
 SCRATCH_BLOCK = 0
@@ -41,6 +47,12 @@ class KVCache:
         self.slot_length = slot_length
         self.keys = [torch.zeros(num_blocks, block_size, h, head_dim, dtype=dtype, device=device) for h in num_kv_heads]
         self.values = [torch.zeros_like(k) for k in self.keys]
+        self.attends_in_place = (
+            torch.device(device).type == "cpu"
+            and dtype == torch.float32
+            and head_dim % 8 == 0
+            and cpu_extension.available()
+        )
 
     @classmethod
     def for_slots(

@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from openelm_server.model.config import OpenELMConfig
+from openelm_server.model.cpu_attention import paged_decode_attention
 from openelm_server.model.kv_cache import KVCache
 
 
@@ -160,10 +161,25 @@ class Attention(nn.Module):
 
     def attend(self, queries: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """[tokens, query_heads * head_dim]: each group's tokens attend over their sequences'
-        cached keys, the groups one after another (tokens past the last group are not read)."""
+        cached keys, the groups one after another (tokens past the last group are not read).
+        Decode rows on the CPU read the cache in place with our kernel where the cache allows it
+        (cpu_attention.py); other groups gather their blocks for SDPA."""
         attended = []
+        cache = batch.kv_cache
         for group in batch.groups:
-            cached_keys, cached_values = batch.kv_cache.gather(self.layer, group.block_table)
+            if group.query_length == 1 and cache.attends_in_place:
+                attended.append(
+                    paged_decode_attention(
+                        queries[group.start : group.end],
+                        cache.keys[self.layer],
+                        cache.values[self.layer],
+                        group.block_table,
+                        group.context_lengths(),
+                        self.head_dim**-0.5,
+                    )
+                )
+                continue
+            cached_keys, cached_values = cache.gather(self.layer, group.block_table)
             attended.append(
                 grouped_query_attention(queries[group.start : group.end], cached_keys, cached_values, group)
             )
@@ -216,9 +232,10 @@ class Transformer(nn.Module):
 @dataclass
 class AttentionGroup:
     """Rows that attend together: ``rows`` sequences of ``query_length`` tokens each, tokens
-    [start, end) of the batch in row order. Row i's keys are in the blocks of ``block_table[i]``
-    ([rows, blocks]; padding entries point at the scratch block); ``mask`` [rows, 1, query_length,
-    blocks * block_size] lets each token see the positions up to its own.
+    [start, end) of the batch in row order, at ``positions`` [rows, query_length]. Row i's keys
+    are in the blocks of ``block_table[i]`` ([rows, blocks]; padding entries point at the scratch
+    block); ``mask`` [rows, 1, query_length, blocks * block_size] lets each token see the
+    positions up to its own.
 
     Every layer attends with the same mask, so the form attention takes (query heads folded per
     KV head, additive: 0 or -inf in the activations' dtype) is made once per step and kept in
@@ -228,6 +245,7 @@ class AttentionGroup:
     start: int
     rows: int
     query_length: int
+    positions: torch.Tensor
     block_table: torch.Tensor
     mask: torch.Tensor
     _biases: dict = field(default_factory=dict, repr=False)
@@ -242,7 +260,7 @@ class AttentionGroup:
         rows, query_length = positions.shape
         key_positions = torch.arange(block_table.shape[1] * block_size, device=positions.device)
         mask = key_positions.view(1, 1, 1, -1) <= positions.view(rows, 1, query_length, 1)
-        return cls(start, rows, query_length, block_table, mask)
+        return cls(start, rows, query_length, positions, block_table, mask)
 
     def folded_bias(self, heads_per_kv: int, dtype: torch.dtype) -> torch.Tensor:
         """The mask for ``heads_per_kv`` query heads folded into the query axis, as an additive
@@ -257,6 +275,12 @@ class AttentionGroup:
             bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
             self._biases[key] = bias.masked_fill_(~mask, float("-inf"))
         return self._biases[key]
+
+    def context_lengths(self) -> torch.Tensor:
+        """[rows] int64: the keys each row's last token sees (its position + 1), made once per step."""
+        if "lengths" not in self._biases:
+            self._biases["lengths"] = self.positions[:, -1] + 1
+        return self._biases["lengths"]
 
 
 @dataclass

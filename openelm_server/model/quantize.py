@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from openelm_server.model import cpu_matmul
+from openelm_server.model import cpu_extension, cpu_matmul
 
 QUANTIZATIONS = ("none", "int8")
 IN_FEATURES_MULTIPLE = 16
@@ -68,7 +68,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scales)
         self.cpu_kernel = "pytorch"
-        if weight.device.type == "cpu" and cpu_matmul.available():
+        if weight.device.type == "cpu" and cpu_extension.available():
             self.use_cpu_kernel("own")  # start-up times both and may switch back
 
     @classmethod

@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from openelm_server.model import cpu_matmul
+from openelm_server.model import cpu_extension, cpu_matmul
 from openelm_server.model.cpu_linear import PanelLinear
 
 pytestmark = pytest.mark.skipif(
-    not cpu_matmul.available(), reason="our CPU matmul kernels do not build here (see the log)"
+    not cpu_extension.available(), reason="our CPU matmul kernels do not build here (see the log)"
 )
 
 

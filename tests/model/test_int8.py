@@ -21,7 +21,7 @@ from torch import nn
 
 from openelm_server import config as server_config
 from openelm_server.engine.cuda_graphs import StaticDecoder
-from openelm_server.model import cpu_matmul, quantize
+from openelm_server.model import cpu_extension, quantize
 from openelm_server.model.loader import load_openelm
 from openelm_server.model.openelm import ForwardBatch, OpenELM
 from openelm_server.model.quantize import Int8Linear, QuantizationError, check_int8_support
@@ -73,7 +73,7 @@ def test_weights_are_int8_with_one_scale_per_output_channel():
 @pytest.fixture(params=["own", "pytorch"])
 def cpu_kernel(request) -> str:
     """Each CPU int8 kernel in turn: ours (cpu_matmul.py, where it builds) and PyTorch's."""
-    if request.param == "own" and not cpu_matmul.available():
+    if request.param == "own" and not cpu_extension.available():
         pytest.skip("our int8 CPU kernel does not build here (see the log)")
     return request.param
 

@@ -8,16 +8,18 @@ import logging
 import pytest
 import torch
 
-from openelm_server.model import cpu_matmul
+from openelm_server.model import cpu_extension
 from openelm_server.model.linear_choice import choose_int8_kernels
 from openelm_server.model.quantize import Int8Linear
 from openelm_server.testing.checkpoints import write_tiny_checkpoint
 
-needs_kernel = pytest.mark.skipif(not cpu_matmul.available(), reason="our CPU kernels do not build here (see the log)")
+needs_kernel = pytest.mark.skipif(
+    not cpu_extension.available(), reason="our CPU kernels do not build here (see the log)"
+)
 
 
 def test_without_our_kernel_int8_layers_use_pytorchs(monkeypatch):
-    monkeypatch.setattr(cpu_matmul, "available", lambda: False)
+    monkeypatch.setattr(cpu_extension, "available", lambda: False)
     layer = Int8Linear.quantize(torch.randn(24, 64), "test")
     assert layer.cpu_kernel == "pytorch"
     x = torch.randn(3, 64)

@@ -101,9 +101,9 @@ def test_the_timing_runs_on_the_real_model(model):
 
 
 def test_without_our_kernel_the_choice_is_between_the_others(own_model_dir, monkeypatch):
-    from openelm_server.model import cpu_matmul
+    from openelm_server.model import cpu_extension
 
-    monkeypatch.setattr(cpu_matmul, "available", lambda: False)
+    monkeypatch.setattr(cpu_extension, "available", lambda: False)
     model = load_openelm(own_model_dir, dtype=torch.float32)
     assert "own" not in kernels_that_run(model)
     assert choose_linear_kernels(model) in ("onednn", "pytorch")

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from openelm_server.model import cpu_extension
 from openelm_server.model.config import OpenELMConfig
 from openelm_server.model.cpu_linear import OneDnnLinear, PanelLinear, kernels_that_run, use_linears
 from openelm_server.model.loader import count_parameters, load_openelm
@@ -88,6 +89,19 @@ def test_reproduces_reference_batched_in_scattered_slots(shared_model, reference
     outputs, logits = greedy_batch(
         shared_model, [c["prompt_ids"] for c in cases], reference["new_tokens"], slots=[5, 1, 3, 0]
     )
+    for case, output, row in zip(cases, outputs, logits):
+        assert output == case["greedy_ids"]
+        assert torch.allclose(row[:16], torch.tensor(case["last_logits_head"]), atol=1e-4)
+
+
+def test_reproduces_reference_with_decode_attention_gathered_for_sdpa(shared_model_dir, reference, monkeypatch):
+    """Where our CPU kernels do not build (and on CUDA, or in bfloat16), decode rows gather their
+    blocks for SDPA as prompts do: the reference holds that way too."""
+    monkeypatch.setattr(cpu_extension, "available", lambda: False)
+    model = load_openelm(shared_model_dir, dtype=torch.float32)
+    assert not model.new_kv_cache(1, 16).attends_in_place
+    cases = reference["cases"]
+    outputs, logits = greedy_batch(model, [c["prompt_ids"] for c in cases], reference["new_tokens"], slots=[2, 0, 3, 1])
     for case, output, row in zip(cases, outputs, logits):
         assert output == case["greedy_ids"]
         assert torch.allclose(row[:16], torch.tensor(case["last_logits_head"]), atol=1e-4)

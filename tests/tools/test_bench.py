@@ -76,7 +76,7 @@ def test_bandwidth_and_roofline():
 
 def test_cpu_linears_times_every_kernel_over_the_models_layer_shapes(tmp_path):
     from bench.cpu_linears import linear_shapes
-    from openelm_server.model import cpu_matmul
+    from openelm_server.model import cpu_extension
     from openelm_server.model.config import OpenELMConfig
     from openelm_server.testing.checkpoints import published_config
 
@@ -101,7 +101,7 @@ def test_cpu_linears_times_every_kernel_over_the_models_layer_shapes(tmp_path):
     results = json.loads(out.read_text())
     assert results["linear_layers"] == 5 and results["read_gb_s"] > 0 and results["matmul_peak_gflop_s"] > 0
     timings = {(row["kernel"], row["rows"]): row for row in results["timings"]}
-    ours = ("own", "int8_own") if cpu_matmul.available() else ()
+    ours = ("own", "int8_own") if cpu_extension.available() else ()
     kernels = ("onednn", "pytorch", "int8") + ours
     assert set(timings) == {(k, r) for k in kernels for r in (1, 3)}
     assert all(row["ms"] > 0 and row["weights_gb_s"] > 0 for row in timings.values())
