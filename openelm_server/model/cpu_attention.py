@@ -39,31 +39,6 @@ inline __m256 lane_sums(const __m256* v) {
   return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
 }
 
-// e^x for x <= 0 (scores minus their largest), Cephes' expf: within 2 ulp, 0 below -87.
-inline __m256 exp_nonpositive(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  const __m256 y = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(scale));
-}
-
-// y += p * x over dim floats (dim a multiple of 8)
-inline void add_scaled(float p, const float* x, float* y, int64_t dim) {
-  const __m256 weight = _mm256_set1_ps(p);
-  for (int64_t i = 0; i < dim; i += 8)
-    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(weight, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-}
-
 at::Tensor paged_decode_attention(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& values,
                                   const at::Tensor& block_table, const at::Tensor& lengths, double scale) {
   TORCH_CHECK(queries.dim() == 3 && queries.scalar_type() == at::kFloat && queries.stride(2) == 1 &&
@@ -124,9 +99,10 @@ at::Tensor paged_decode_attention(const at::Tensor& queries, const at::Tensor& k
         float* s = scores.data() + g * padded;
         std::fill(s + seen, s + padded, -INFINITY);
         const float largest = *std::max_element(s, s + seen);
+        const __m256 shift = _mm256_set1_ps(largest);
         __m256 total = _mm256_setzero_ps();
         for (int64_t t = 0; t < padded; t += TOKENS) {
-          const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + t), _mm256_set1_ps(largest)));
+          const __m256 e = openelm_simd::exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + t), shift));
           _mm256_storeu_ps(s + t, e);
           total = _mm256_add_ps(total, e);
         }
@@ -134,15 +110,28 @@ at::Tensor paged_decode_attention(const at::Tensor& queries, const at::Tensor& k
         _mm256_storeu_ps(lanes, total);
         totals[g] = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
       }
-      std::fill(result, result + group * dim, 0.0f);
-      for (int64_t t = 0; t < seen; ++t) {
-        const float* value = v + (cached[t] - k);
-        for (int64_t g = 0; g < group; ++g) add_scaled(scores[g * padded + t], value, result + g * dim, dim);
-      }
       for (int64_t g = 0; g < group; ++g) {
+        const float* weights = scores.data() + g * padded;
+        float* y = result + g * dim;
         const __m256 inverse = _mm256_set1_ps(1.0f / totals[g]);
-        for (int64_t i = 0; i < dim; i += 8)
-          _mm256_storeu_ps(result + g * dim + i, _mm256_mul_ps(_mm256_loadu_ps(result + g * dim + i), inverse));
+        // 64 outputs at a time in 8 registers over all the values; a narrower head a vector at a time.
+        int64_t i0 = 0;
+        for (; i0 + 64 <= dim; i0 += 64) {
+          __m256 acc[8];
+          for (int c = 0; c < 8; ++c) acc[c] = _mm256_setzero_ps();
+          for (int64_t t = 0; t < seen; ++t) {
+            const __m256 w = _mm256_set1_ps(weights[t]);
+            const float* value = v + (cached[t] - k) + i0;
+            for (int c = 0; c < 8; ++c) acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(value + 8 * c), acc[c]);
+          }
+          for (int c = 0; c < 8; ++c) _mm256_storeu_ps(y + i0 + 8 * c, _mm256_mul_ps(acc[c], inverse));
+        }
+        for (; i0 < dim; i0 += 8) {
+          __m256 acc = _mm256_setzero_ps();
+          for (int64_t t = 0; t < seen; ++t)
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(weights[t]), _mm256_loadu_ps(v + (cached[t] - k) + i0), acc);
+          _mm256_storeu_ps(y + i0, _mm256_mul_ps(acc, inverse));
+        }
       }
     }
   });

@@ -70,9 +70,7 @@ class PanelLinear(nn.Module):
         self.weight = cpu_matmul.pack(weight.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).contiguous()
-        out = cpu_matmul.float32_matmul(rows, self.weight, self.out_features)
-        return out.view(*x.shape[:-1], self.out_features)
+        return cpu_matmul.float32_matmul(x, self.weight, self.out_features)
 
     def plain_weight(self) -> torch.Tensor:
         return cpu_matmul.unpack(self.weight, self.out_features)

@@ -15,9 +15,9 @@ GFLOP/s for 16, 113-123 for 64; int8: 16-17 GB/s for one row, 112-126 GFLOP/s fo
 
 Invariants:
 
-- ``x`` [rows, in] float32 contiguous; ``packed`` [ceil(out / 16), in, 16] as :func:`pack` makes
-  it, float32 or int8, outputs past ``out`` in the last panel zero; ``scales`` (int8) float32
-  [out]. Out: float32 [rows, out].
+- ``x`` [..., in] float32 (made contiguous); ``packed`` [ceil(out / 16), in, 16] as :func:`pack`
+  makes it, float32 or int8, outputs past ``out`` in the last panel zero; ``scales`` (int8)
+  float32 [out]. Out: float32 [..., out]: a layer is one call.
 - Every output is summed over its inputs in order, in one float32 accumulator (the lanes of a
   vector are 16 outputs, never parts of one sum; a block of inputs hands its partial sums to the
   next through memory, exactly), whatever the number of rows or threads: a row's numbers do not
@@ -136,15 +136,19 @@ inline void panels_product(const float* x, int64_t rows, int64_t in, const W* pa
 
 template <typename W>
 at::Tensor matmul(const at::Tensor& x, const at::Tensor& packed, const float* scales, int64_t out) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: float32 [rows, in], contiguous");
+  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kFloat, "x: float32 [..., in]");
   TORCH_CHECK(packed.dim() == 3 && packed.is_contiguous() && packed.size(2) == PANEL,
               "packed: [panels, in, 16], contiguous");
-  const int64_t rows = x.size(0), in = x.size(1), panels = packed.size(0), full = out / PANEL;
+  const int64_t in = x.size(-1), panels = packed.size(0), full = out / PANEL;
   TORCH_CHECK(packed.size(1) == in && panels == (out + PANEL - 1) / PANEL,
-              "shapes: x [rows, in], packed [ceil(out / 16), in, 16]");
-  at::Tensor y = at::empty({rows, out}, x.options());
+              "shapes: x [..., in], packed [ceil(out / 16), in, 16]");
+  const at::Tensor input = x.contiguous();
+  const int64_t rows = in ? input.numel() / in : 0;
+  std::vector<int64_t> sizes(input.sizes().begin(), input.sizes().end());
+  sizes.back() = out;
+  at::Tensor y = at::empty(sizes, input.options());
   if (rows == 0) return y;
-  const float* xp = x.data_ptr<float>();
+  const float* xp = input.data_ptr<float>();
   const W* wp = packed.data_ptr<W>();
   float* yp = y.data_ptr<float>();
   const int64_t groups = (full + PANELS_AT_ONCE - 1) / PANELS_AT_ONCE;

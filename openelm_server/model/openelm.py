@@ -16,12 +16,21 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from openelm_server.model import cpu_elementwise, cpu_extension
 from openelm_server.model.config import OpenELMConfig
 from openelm_server.model.cpu_attention import paged_decode_attention
 from openelm_server.model.kv_cache import KVCache
 
 
+# The element-wise chains below run as one call of our own for float32 on the CPU where our
+# kernels build (cpu_elementwise.py), and are fused by torch.compile on CUDA (fuse_elementwise).
+def _ours(x: torch.Tensor) -> bool:
+    return x.is_cpu and x.dtype == torch.float32 and cpu_extension.available()
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if _ours(x):
+        return cpu_elementwise.rms_norm(x, weight, eps)
     # PyTorch's op computes bfloat16 inputs in float32, and is one call where the written-out
     # norm was seven: a decode step calls it 33 times per sequence on OpenELM-270M.
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
@@ -50,11 +59,15 @@ def norm_and_rotate(
     come one row per head ([query_heads, head_dim] and [kv_heads, head_dim], expanded views):
     fused, this is one kernel per layer on CUDA where separate norms and rotations were four,
     and eagerly it is half the ops."""
+    if _ours(qk):
+        return cpu_elementwise.norm_and_rotate(qk, query_weight, key_weight, eps, cos, sin)
     weight = torch.cat((query_weight, key_weight)).float()
     return _rotated(F.rms_norm(qk.float(), (qk.shape[-1],), None, eps) * weight, cos, sin).type_as(qk)
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    if _ours(gate_up):
+        return cpu_elementwise.silu_and_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
 

@@ -98,6 +98,10 @@ class Int8Linear(nn.Module):
         return (weight.float() * self.scales.unsqueeze(1)).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cpu_kernel == "own":
+            if x.dtype == torch.float32:  # one call: what a one-row decode step needs
+                return cpu_matmul.int8_matmul(x, self.weight, self.scales, self.out_features)
+            return cpu_matmul.int8_matmul(x.float(), self.weight, self.scales, self.out_features).to(x.dtype)
         rows = x.reshape(-1, self.in_features)
         if x.is_cuda:
             if rows.shape[0] > CUDA_KERNEL_MAX_ROWS:
@@ -106,9 +110,6 @@ class Int8Linear(nn.Module):
 
             out = int8_weight_matmul(rows.contiguous(), self.weight, self.scales)
             return out.view(*x.shape[:-1], self.out_features)
-        if self.cpu_kernel == "own":
-            out = cpu_matmul.int8_matmul(rows.float().contiguous(), self.weight, self.scales, self.out_features)
-            return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
         rows = rows.to(torch.bfloat16).contiguous()
         if rows.data_ptr() % _ALIGNMENT_BYTES:
             rows = rows.clone()

@@ -67,6 +67,15 @@ def test_a_rows_numbers_do_not_depend_on_its_batch_or_the_threads(weights):
 
 
 @pytest.mark.parametrize("weights", ["float32", "int8"])
+def test_leading_dimensions_stay_and_any_layout_of_x_is_taken(weights):
+    x, weight, scales, _ = operands(weights, 6, 40, 72, seed=3)
+    packed = cpu_matmul.pack(weight)
+    flat = product(x, packed, scales, 40)
+    assert torch.equal(product(x.view(2, 3, 72), packed, scales, 40), flat.view(2, 3, 40))
+    assert torch.equal(product(x.T.contiguous().T, packed, scales, 40), flat)  # column-major: copied first
+
+
+@pytest.mark.parametrize("weights", ["float32", "int8"])
 def test_no_rows_give_no_rows(weights):
     _, weight, scales, _ = operands(weights, 1, 20, 32)
     assert product(torch.empty(0, 32), cpu_matmul.pack(weight), scales, 20).shape == (0, 20)
@@ -75,13 +84,11 @@ def test_no_rows_give_no_rows(weights):
 def test_operands_they_cannot_take_are_refused_with_what_they_need():
     x, weight, _, _ = operands("float32", 2, 32, 64)
     packed = cpu_matmul.pack(weight)
-    with pytest.raises(RuntimeError, match=r"x: float32 \[rows, in\], contiguous"):
+    with pytest.raises(RuntimeError, match=r"x: float32 \[..., in\]"):
         cpu_matmul.float32_matmul(x.to(torch.bfloat16), packed, 32)
-    with pytest.raises(RuntimeError, match=r"x: float32 \[rows, in\], contiguous"):
-        cpu_matmul.float32_matmul(x.T.contiguous().T, packed, 32)
     with pytest.raises(RuntimeError, match=r"packed: \[panels, in, 16\], contiguous"):
         cpu_matmul.float32_matmul(x, weight, 32)
-    with pytest.raises(RuntimeError, match=r"shapes: x \[rows, in\], packed \[ceil\(out / 16\), in, 16\]"):
+    with pytest.raises(RuntimeError, match=r"shapes: x \[..., in\], packed \[ceil\(out / 16\), in, 16\]"):
         cpu_matmul.float32_matmul(x, packed, 48)
     with pytest.raises(RuntimeError, match=r"shapes"):
         cpu_matmul.float32_matmul(x[:, :60].contiguous(), packed, 32)
