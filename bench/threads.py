@@ -40,7 +40,7 @@ def measure(model_dir: str, way: str, onednn: bool, steps: int) -> dict:
     from openelm_server.engine.core import EngineCore
     from openelm_server.engine.request import Request
     from openelm_server.engine.sampling import SamplingParams
-    from openelm_server.model.cpu_linear import use_onednn_linears
+    from openelm_server.model.cpu_linear import use_linears
     from openelm_server.model.loader import load_openelm
     from openelm_server.startup import in_passing_thread
 
@@ -48,7 +48,7 @@ def measure(model_dir: str, way: str, onednn: bool, steps: int) -> dict:
         model = load_openelm(model_dir, show_progress=False)
         model.rope_tables(torch.device("cpu"))
         if onednn:
-            use_onednn_linears(model)
+            use_linears(model, "onednn")
         core = EngineCore(model, EngineConfig(kv_cache_tokens=4096), torch.device("cpu"))
         prompt = list(range(1, 129))
         core.add_request(Request("warm-up", prompt, SamplingParams(max_new_tokens=4, ignore_eos=True)))

@@ -108,11 +108,6 @@ def onednn_runs(device: torch.device, dtype: torch.dtype) -> bool:
     return dtype == torch.float32
 
 
-def can_use_onednn(model: OpenELM) -> bool:
-    weight = model.transformer.token_embeddings.weight
-    return onednn_runs(weight.device, weight.dtype)
-
-
 def use_linears(model: OpenELM, kernel: str) -> None:
     """Hold every linear layer of ``model`` for ``kernel`` (one of KERNELS), in place, the weights
     once, in its layout. With tied embeddings the logits of "own" and "onednn" get a copy of the
@@ -120,6 +115,8 @@ def use_linears(model: OpenELM, kernel: str) -> None:
     memory (164 MB for 270M, 393 MB for 3B)."""
     if kernel not in kernels_that_run(model):
         raise ValueError(NEEDS[kernel])
+    if linear_kernel(model) == kernel:
+        return
     use_plain_linears(model)
     if kernel == "pytorch":
         return
@@ -133,8 +130,10 @@ def use_linears(model: OpenELM, kernel: str) -> None:
     _release_checkpoint_file(model)
 
 
-def use_onednn_linears(model: OpenELM) -> None:
-    use_linears(model, "onednn")
+def linear_kernel(model: OpenELM) -> str:
+    """The kernel (one of KERNELS) that ``model``'s float linear layers are held for now."""
+    layer = model.transformer.layers[0].attn.qkv_proj
+    return "onednn" if isinstance(layer, OneDnnLinear) else "own" if isinstance(layer, PanelLinear) else "pytorch"
 
 
 def embedding_copy_megabytes(model: OpenELM) -> float:

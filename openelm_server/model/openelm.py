@@ -252,8 +252,9 @@ class AttentionGroup:
 
     Every layer attends with the same mask, so the form attention takes (query heads folded per
     KV head, additive: 0 or -inf in the activations' dtype) is made once per step and kept in
-    ``_biases``: building it in each layer cost 4 small ops per layer and group, a sixth of an
-    eager step's ops when prompts are read."""
+    ``_biases`` (with the rows' context lengths, which the CPU's decode attention takes):
+    building it in each layer cost 4 small ops per layer and group, a sixth of an eager step's
+    ops when prompts are read."""
 
     start: int
     rows: int

@@ -18,10 +18,9 @@ from openelm_server.model import linear_choice
 from openelm_server.model.cpu_linear import (
     OneDnnLinear,
     PanelLinear,
-    can_use_onednn,
     kernels_that_run,
+    linear_kernel,
     use_linears,
-    use_onednn_linears,
     use_plain_linears,
 )
 from openelm_server.model.linear_choice import choose_linear_kernels
@@ -55,10 +54,13 @@ def kernels(model: OpenELM) -> set[type]:
 def test_plain_linears_come_back_exactly(model, kernel):
     expected = last_logits(model)
     use_linears(model, kernel)
-    assert kernels(model) == {LAYERS[kernel]}
+    assert kernels(model) == {LAYERS[kernel]} and linear_kernel(model) == kernel
     assert isinstance(model.lm_head, LAYERS[kernel])  # tied embeddings: the logits get their own copy
+    held = model.lm_head.weight
+    use_linears(model, kernel)  # already held for it: not laid out again
+    assert model.lm_head.weight is held
     use_plain_linears(model)
-    assert kernels(model) == {nn.Linear}
+    assert kernels(model) == {nn.Linear} and linear_kernel(model) == "pytorch"
     assert model.lm_head is None  # tied embeddings again: the logits read the embedding
     assert torch.equal(last_logits(model), expected)
 
@@ -153,13 +155,14 @@ BF16_ONEDNN = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkld
 
 def test_a_bfloat16_model_uses_onednn_exactly_where_the_cpu_has_bfloat16_instructions(own_model_dir):
     model = load_openelm(own_model_dir, dtype=torch.bfloat16)
-    assert can_use_onednn(model) == BF16_ONEDNN
+    assert ("onednn" in kernels_that_run(model)) == BF16_ONEDNN
+    assert "own" not in kernels_that_run(model)  # ours is float32 only
     if not BF16_ONEDNN:
         with pytest.raises(ValueError, match="bfloat16 instructions"):
-            use_onednn_linears(model)
+            use_linears(model, "onednn")
         return
     expected = last_logits(model).float()
-    use_onednn_linears(model)
+    use_linears(model, "onednn")
     assert kernels(model) == {OneDnnLinear}
     got = last_logits(model).float()
     # Both sum bfloat16 products in float32; they may round the output apart by a bfloat16 step.
