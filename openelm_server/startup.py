@@ -19,7 +19,15 @@ from openelm_server.engine.async_engine import Engine
 from openelm_server.engine.config import EngineConfig
 from openelm_server.listen import ListenError
 from openelm_server.model.config import CheckpointError, OpenELMConfig
-from openelm_server.model.cpu_linear import NEEDS, embedding_copy_megabytes, kernel_runs, kernels_that_run, use_linears
+from openelm_server.model.cpu_linear import (
+    NEEDS,
+    bfloat16_weights_run,
+    embedding_copy_megabytes,
+    kernel_runs,
+    kernels_that_run,
+    use_bfloat16_weights,
+    use_linears,
+)
 from openelm_server.model.kv_cache import KVCache
 from openelm_server.model.linear_choice import choose_int8_kernels, choose_linear_kernels
 from openelm_server.model.loader import checkpoint_files, load_openelm
@@ -106,6 +114,18 @@ def warn_if_slow_bfloat16(dtype: torch.dtype, device: torch.device, flags: set[s
             "--quantization int8 are faster here",
             " / ".join(BFLOAT16_CPU_FLAGS),
         )
+
+
+def keeps_bfloat16_weights(
+    settings: Settings, device: torch.device, dtype: torch.dtype, flags: set[str] | None
+) -> bool:
+    """Whether a bfloat16 model on the CPU runs as bfloat16 weights in our kernel with float32
+    activations (cpu_linear.use_bfloat16_weights): where our kernels build, on a CPU without
+    bfloat16 instructions unless another kernel is forced, or with ``--cpu-linear own``."""
+    if settings.quantization != "none" or not bfloat16_weights_run(device, dtype):
+        return False
+    no_bfloat16_instructions = flags is not None and not flags & set(BFLOAT16_CPU_FLAGS)
+    return settings.cpu_linear == "own" or (settings.cpu_linear == "auto" and no_bfloat16_instructions)
 
 
 def check_directories(settings: Settings) -> None:
@@ -248,11 +268,22 @@ def in_passing_thread(function: Callable[..., T], *args) -> T:
     return result[0]
 
 
-def load_served_model(path: str, settings: Settings, device: torch.device, dtype: torch.dtype, role: str) -> OpenELM:
+def load_served_model(
+    path: str, settings: Settings, device: torch.device, dtype: torch.dtype, role: str, bfloat16_weights: bool = False
+) -> OpenELM:
     """The model, or the draft, as the flags ask for both: ``--dtype``, ``--quantization``, and
     on the CPU the linear kernels (timed on this model's own shapes, or forced by
-    ``--cpu-linear``). ``role`` starts its log lines ("" for the model)."""
+    ``--cpu-linear``; with ``bfloat16_weights``, bfloat16 weights in our kernel and float32 for
+    the rest). ``role`` starts its log lines ("" for the model)."""
     model = load_openelm(path, device=device, dtype=dtype, quantization=settings.quantization)
+    if bfloat16_weights:
+        use_bfloat16_weights(model)
+        log.info(
+            "%slinear layers keep their bfloat16 weights for our CPU kernel, which multiplies in float32; "
+            "activations and the KV cache are float32 (--cpu-linear onednn or pytorch for bfloat16 throughout)",
+            role,
+        )
+        return model
     if settings.quantization == "int8":
         # int8 layers are no candidates for the float32 kernel choice below: there is no float weight left.
         log.info(
@@ -299,22 +330,25 @@ def _build_engine(settings: Settings) -> tuple[Engine, object]:
     ChatTemplate.choose(settings.chat_template, tokenizer)
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
-    warn_if_slow_bfloat16(dtype, device, cpu_flags())
+    bfloat16_weights = keeps_bfloat16_weights(settings, device, dtype, cpu_flags())
+    if not bfloat16_weights:
+        warn_if_slow_bfloat16(dtype, device, cpu_flags())
     if settings.quantization == "int8":
         check_int8_support(device)
-    if settings.cpu_linear != "auto" and not kernel_runs(settings.cpu_linear, device, dtype):
+    if settings.cpu_linear != "auto" and not bfloat16_weights and not kernel_runs(settings.cpu_linear, device, dtype):
         raise StartupError(
             f"--cpu-linear {settings.cpu_linear}: {NEEDS[settings.cpu_linear]}; this server runs "
             f"{str(dtype).removeprefix('torch.')} on {device}: choose another or drop --cpu-linear"
         )
-    model = load_served_model(settings.model_path, settings, device, dtype, role="")
+    model = load_served_model(settings.model_path, settings, device, dtype, "", bfloat16_weights)
     if settings.compile and device.type == "cuda":
         compile_elementwise(model)  # rebinds the layers' shared functions: the draft's layers too
     # Loaded before the KV cache is sized, so that the memory measured for it is what both models' weights leave.
     draft = None
     if settings.draft_model_path is not None:
-        draft = load_served_model(settings.draft_model_path, settings, device, dtype, role="draft model: ")
+        draft = load_served_model(settings.draft_model_path, settings, device, dtype, "draft model: ", bfloat16_weights)
         log.info("speculative decoding with the draft model in %s", settings.draft_model_path)
+    dtype = model.transformer.token_embeddings.weight.dtype  # float32 where bfloat16 weights run in our kernel
     max_model_len = min(settings.max_model_len, model.config.max_context_length)
     if max_model_len < settings.max_model_len:
         log.warning("--max-model-len %d is beyond the model's context; using %d", settings.max_model_len, max_model_len)

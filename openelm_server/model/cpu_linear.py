@@ -62,21 +62,24 @@ class OneDnnLinear(nn.Module):
 
 
 class PanelLinear(nn.Module):
-    """``y = x @ weight.T`` with our float32 kernel, the weight held in its panels of 16 outputs."""
+    """``y = x @ weight.T`` with our kernel, the weight (float32 or bfloat16) held in its panels of
+    16 outputs; x and y float32."""
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.weight = cpu_matmul.pack(weight.detach())
+        self.matmul = cpu_matmul.bfloat16_matmul if weight.dtype == torch.bfloat16 else cpu_matmul.float32_matmul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu_matmul.float32_matmul(x, self.weight, self.out_features)
+        return self.matmul(x, self.weight, self.out_features)
 
     def plain_weight(self) -> torch.Tensor:
         return cpu_matmul.unpack(self.weight, self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, our float32 kernel"
+        weights = str(self.weight.dtype).removeprefix("torch.")
+        return f"in_features={self.in_features}, out_features={self.out_features}, our kernel, {weights} weights"
 
 
 def own_runs(device: torch.device, dtype: torch.dtype) -> bool:
@@ -136,6 +139,31 @@ def linear_kernel(model: OpenELM) -> str:
     return "onednn" if isinstance(layer, OneDnnLinear) else "own" if isinstance(layer, PanelLinear) else "pytorch"
 
 
+def bfloat16_weights_run(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a ``dtype`` model on ``device`` can keep bfloat16 linear weights for our kernel
+    (:func:`use_bfloat16_weights`): a bfloat16 model on a CPU where our kernels build."""
+    return device.type == "cpu" and dtype == torch.bfloat16 and cpu_extension.available()
+
+
+def use_bfloat16_weights(model: OpenELM) -> None:
+    """A bfloat16 model's linear layers keep their bfloat16 weights, in our kernel's panels, and
+    everything else becomes float32 (embedding, norms, so activations and the KV cache too).
+
+    On a CPU without bfloat16 instructions, PyTorch multiplies bfloat16 by converting every
+    operand to float32 and back, slower than float32 itself; our kernel widens each weight as it
+    reads it (a shift) and multiplies in float32, so decoding costs the memory traffic of
+    bfloat16 weights, half of float32's, and the answers float32 activations give. The tied
+    logits get their own bfloat16 copy of the embedding, whose lookup is float32."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and child.bias is None:
+                setattr(module, name, PanelLinear(child.weight))
+    if model.lm_head is None:
+        model.lm_head = PanelLinear(model.transformer.token_embeddings.weight)
+    for parameter in model.parameters():
+        parameter.data = parameter.data.float()
+
+
 def embedding_copy_megabytes(model: OpenELM) -> float:
     """What ours and oneDNN's kernels cost in memory: with tied embeddings, the logits' copy of
     the embedding matrix in their layout (the lookup still needs the plain one)."""
@@ -158,6 +186,8 @@ def use_plain_linears(model: OpenELM) -> None:
         for name, child in list(module.named_children()):
             if isinstance(child, (OneDnnLinear, PanelLinear)):
                 weight = child.weight.to_dense() if isinstance(child, OneDnnLinear) else child.plain_weight()
+                # bfloat16 weights of a float32 model (use_bfloat16_weights) become float32 layers
+                weight = weight.to(model.transformer.token_embeddings.weight.dtype)
                 with torch.device("meta"):
                     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
                 linear.weight = nn.Parameter(weight, requires_grad=False)

@@ -1,4 +1,4 @@
-"""Our CPU matmul kernels (cpu_matmul.py), float32 and int8 weights: products exact to float32
+"""Our CPU matmul kernels (cpu_matmul.py), float32, bfloat16 and int8 weights: products exact to float32
 rounding for any shape, the same numbers for a row whatever its batch or the thread count, the
 panel layout, and refusals that say what the kernel needs."""
 
@@ -19,8 +19,8 @@ def operands(weights: str, rows: int, out_features: int, in_features: int, seed:
     """x, the weight as the kernel takes it, its scales (None for float32), and the float64 weight."""
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, in_features, generator=generator)
-    if weights == "float32":
-        weight = torch.randn(out_features, in_features, generator=generator)
+    if weights in ("float32", "bfloat16"):
+        weight = torch.randn(out_features, in_features, generator=generator).to(getattr(torch, weights))
         return x, weight, None, weight.double()
     weight = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8, generator=generator)
     scales = torch.rand(out_features, generator=generator) + 0.01
@@ -28,12 +28,14 @@ def operands(weights: str, rows: int, out_features: int, in_features: int, seed:
 
 
 def product(x, packed, scales, out_features):
+    if packed.dtype == torch.bfloat16:
+        return cpu_matmul.bfloat16_matmul(x, packed, out_features)
     if scales is None:
         return cpu_matmul.float32_matmul(x, packed, out_features)
     return cpu_matmul.int8_matmul(x, packed, scales, out_features)
 
 
-@pytest.mark.parametrize("weights", ["float32", "int8"])
+@pytest.mark.parametrize("weights", ["float32", "bfloat16", "int8"])
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 6, 7, 12, 13, 17])  # narrow steps, row blocks of 6 and every tail
 @pytest.mark.parametrize(
     "out_features, in_features",
@@ -49,7 +51,7 @@ def test_products_equal_float64_to_float32_rounding(weights, rows, out_features,
     assert float(((got.double() - want).abs() / size).max()) < 1e-6
 
 
-@pytest.mark.parametrize("weights", ["float32", "int8"])
+@pytest.mark.parametrize("weights", ["float32", "bfloat16", "int8"])
 def test_a_rows_numbers_do_not_depend_on_its_batch_or_the_threads(weights):
     x, weight, scales, _ = operands(weights, 19, 53, 600, seed=1)
     packed = cpu_matmul.pack(weight)
@@ -66,7 +68,7 @@ def test_a_rows_numbers_do_not_depend_on_its_batch_or_the_threads(weights):
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("weights", ["float32", "int8"])
+@pytest.mark.parametrize("weights", ["float32", "bfloat16", "int8"])
 def test_leading_dimensions_stay_and_any_layout_of_x_is_taken(weights):
     x, weight, scales, _ = operands(weights, 6, 40, 72, seed=3)
     packed = cpu_matmul.pack(weight)
@@ -75,7 +77,7 @@ def test_leading_dimensions_stay_and_any_layout_of_x_is_taken(weights):
     assert torch.equal(product(x.T.contiguous().T, packed, scales, 40), flat)  # column-major: copied first
 
 
-@pytest.mark.parametrize("weights", ["float32", "int8"])
+@pytest.mark.parametrize("weights", ["float32", "bfloat16", "int8"])
 def test_no_rows_give_no_rows(weights):
     _, weight, scales, _ = operands(weights, 1, 20, 32)
     assert product(torch.empty(0, 32), cpu_matmul.pack(weight), scales, 20).shape == (0, 20)
@@ -94,13 +96,15 @@ def test_operands_they_cannot_take_are_refused_with_what_they_need():
         cpu_matmul.float32_matmul(x[:, :60].contiguous(), packed, 32)
     with pytest.raises(RuntimeError, match=r"packed: float32 weights"):
         cpu_matmul.float32_matmul(x, packed.to(torch.int8), 32)
+    with pytest.raises(RuntimeError, match=r"packed: bfloat16 weights"):
+        cpu_matmul.bfloat16_matmul(x, packed, 32)
     with pytest.raises(RuntimeError, match=r"packed: int8 weights"):
         cpu_matmul.int8_matmul(x, packed, torch.ones(32), 32)
     with pytest.raises(RuntimeError, match=r"scales: float32 \[out\], contiguous"):
         cpu_matmul.int8_matmul(x, packed.to(torch.int8), torch.ones(31), 32)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.int8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("out_features", [16, 37, 3])
 def test_packing_keeps_every_weight_and_unpacks_to_the_plain_layout(dtype, out_features):
     weight = torch.arange(out_features * 40).view(out_features, 40).remainder(251).sub(125).to(dtype)

@@ -194,21 +194,3 @@ def test_onednn_forced_where_it_cannot_run_stops_the_start_up_before_the_load(
         StartupError, match="--cpu-linear onednn: .* this server runs bfloat16 on cpu: choose another or drop"
     ):
         build_engine(settings)
-
-
-def test_our_kernel_forced_on_a_bfloat16_model_stops_the_start_up_before_the_load(
-    own_model_dir, own_tokenizer_dir, monkeypatch
-):
-    def no_load(*args, **kwargs):
-        raise AssertionError("the weights were loaded before the flag was refused")
-
-    monkeypatch.setattr(startup, "load_openelm", no_load)
-    settings = Settings(
-        model_path=str(own_model_dir),
-        tokenizer_path=str(own_tokenizer_dir),
-        device="cpu",
-        dtype="bfloat16",
-        cpu_linear="own",
-    )
-    with pytest.raises(StartupError, match="--cpu-linear own: our float32 linear kernel needs a float32 model"):
-        build_engine(settings)

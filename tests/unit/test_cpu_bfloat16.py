@@ -1,5 +1,7 @@
 """--dtype bfloat16 on the CPU: it serves, and start-up warns where the CPU has no bfloat16
-instructions (there PyTorch converts every operand to float32 and back, slower than float32)."""
+instructions and the model runs in bfloat16 throughout (there PyTorch converts every operand to
+float32 and back, slower than float32); where our kernels build it keeps bfloat16 weights in
+them instead (tests/model/test_bfloat16_weights.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ import pytest
 import torch
 from in_process import InProcessServer
 
-from openelm_server.startup import cpu_flags, warn_if_slow_bfloat16
+from openelm_server.config import Settings
+from openelm_server.startup import cpu_flags, keeps_bfloat16_weights, warn_if_slow_bfloat16
 
 CPU = torch.device("cpu")
 
@@ -50,10 +53,17 @@ def test_this_machines_flags_are_read():
     assert flags and all(" " not in flag for flag in flags)
 
 
-def test_bfloat16_serves_on_the_cpu(shared_model_dir, shared_tokenizer_dir):
-    server = InProcessServer(shared_model_dir, shared_tokenizer_dir, dtype="bfloat16")
+@pytest.mark.parametrize("cpu_linear", ["auto", "pytorch"])
+def test_bfloat16_serves_on_the_cpu(shared_model_dir, shared_tokenizer_dir, cpu_linear):
+    server = InProcessServer(shared_model_dir, shared_tokenizer_dir, dtype="bfloat16", cpu_linear=cpu_linear)
     try:
-        assert server.engine.model.transformer.token_embeddings.weight.dtype == torch.bfloat16
+        model = server.engine.model
+        settings = Settings(dtype="bfloat16", cpu_linear=cpu_linear)
+        ours = keeps_bfloat16_weights(settings, CPU, torch.bfloat16, cpu_flags())
+        assert not (ours and cpu_linear == "pytorch")
+        # The checkpoint's bfloat16 weights either way; around them float32 where ours hold them.
+        assert model.transformer.token_embeddings.weight.dtype == (torch.float32 if ours else torch.bfloat16)
+        assert model.transformer.layers[0].attn.qkv_proj.weight.dtype == torch.bfloat16
         answer = server.post_ok("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 6, "temperature": 0})
         assert answer["usage"]["completion_tokens"] == 6
     finally:
