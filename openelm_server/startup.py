@@ -330,9 +330,10 @@ def _build_engine(settings: Settings) -> tuple[Engine, object]:
     ChatTemplate.choose(settings.chat_template, tokenizer)
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
-    bfloat16_weights = keeps_bfloat16_weights(settings, device, dtype, cpu_flags())
+    flags = cpu_flags()
+    bfloat16_weights = keeps_bfloat16_weights(settings, device, dtype, flags)
     if not bfloat16_weights:
-        warn_if_slow_bfloat16(dtype, device, cpu_flags())
+        warn_if_slow_bfloat16(dtype, device, flags)
     if settings.quantization == "int8":
         check_int8_support(device)
     if settings.cpu_linear != "auto" and not bfloat16_weights and not kernel_runs(settings.cpu_linear, device, dtype):

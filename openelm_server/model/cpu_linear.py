@@ -123,14 +123,19 @@ def use_linears(model: OpenELM, kernel: str) -> None:
     use_plain_linears(model)
     if kernel == "pytorch":
         return
-    layer = OneDnnLinear if kernel == "onednn" else PanelLinear
+    _hold_linears(model, OneDnnLinear if kernel == "onednn" else PanelLinear)
+    _release_checkpoint_file(model)
+
+
+def _hold_linears(model: OpenELM, layer: type[nn.Module]) -> None:
+    """Every plain linear layer of ``model`` becomes ``layer`` of its weight, in place, and tied
+    logits get one of the embedding matrix."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) and child.bias is None:
                 setattr(module, name, layer(child.weight))
     if model.lm_head is None:
         model.lm_head = layer(model.transformer.token_embeddings.weight)
-    _release_checkpoint_file(model)
 
 
 def linear_kernel(model: OpenELM) -> str:
@@ -154,12 +159,7 @@ def use_bfloat16_weights(model: OpenELM) -> None:
     reads it (a shift) and multiplies in float32, so decoding costs the memory traffic of
     bfloat16 weights, half of float32's, and the answers float32 activations give. The tied
     logits get their own bfloat16 copy of the embedding, whose lookup is float32."""
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear) and child.bias is None:
-                setattr(module, name, PanelLinear(child.weight))
-    if model.lm_head is None:
-        model.lm_head = PanelLinear(model.transformer.token_embeddings.weight)
+    _hold_linears(model, PanelLinear)
     for parameter in model.parameters():
         parameter.data = parameter.data.float()
 
