@@ -98,9 +98,13 @@ def greedy(model: OpenELM, prompts: list[list[int]], new_tokens: int) -> tuple[l
     return outputs, first_logits
 
 
-def engine_greedy(engine: Engine, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
-    """Submit every prompt at once, so that they prefill and decode as one batch."""
+def engine_greedy(
+    engine: Engine, prompts: list[list[int]], new_tokens: int, top_logprobs: int | None = None
+) -> list[list[int]]:
+    """Submit every prompt at once, so that they prefill and decode as one batch. With
+    ``top_logprobs``, also returns each row's TokenLogprob per token (as a second value)."""
     outputs = [[] for _ in prompts]
+    logprobs = [[] for _ in prompts]
     done = threading.Semaphore(0)
 
     def deliver_to(row: int):
@@ -108,17 +112,33 @@ def engine_greedy(engine: Engine, prompts: list[list[int]], new_tokens: int) -> 
             if event.error is not None:
                 raise RuntimeError(f"prompt {row} failed: {event.error}")
             outputs[row].extend(event.token_ids)
+            logprobs[row].extend(event.logprobs)
             if event.finish_reason is not None:
                 done.release()
 
         return deliver
 
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True, logprobs=top_logprobs)
     for row, prompt in enumerate(prompts):
-        engine.submit(prompt, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True), deliver_to(row))
+        engine.submit(prompt, params, deliver_to(row))
     for _ in prompts:
         if not done.acquire(timeout=120):
             raise TimeoutError("the engine did not finish the reference prompts in 120 s")
-    return outputs
+    return (outputs, logprobs) if top_logprobs else outputs
+
+
+def parting_gaps(ours: list[list[int]], logprobs: list[list], theirs: list[list[int]]) -> list[float]:
+    """Where an engine's greedy row first parts from another's: the engine's own log-probability
+    gap there between the token it took and the other's (0 at an exact tie; taken from the
+    engine's top-2 logprobs, inf where the other's token is not among them)."""
+    gaps = []
+    for row_ours, row_logprobs, row_theirs in zip(ours, logprobs, theirs):
+        parting = next((i for i, (a, b) in enumerate(zip(row_ours, row_theirs)) if a != b), None)
+        if parting is None:
+            continue
+        top = dict(row_logprobs[parting].top)
+        gaps.append(top[row_ours[parting]] - top.get(row_theirs[parting], float("-inf")))
+    return gaps
 
 
 class SharedReference(NamedTuple):
@@ -554,17 +574,24 @@ def check_int8(fixtures: Path, device: torch.device) -> None:
         engine = Engine(int8, load_tokenizer(tokenizer_dir), EngineConfig(max_batch_size=8, max_model_len=256))
         engine.start()
         try:
-            engine_outputs = engine_greedy(engine, prompts, new_tokens)
+            engine_outputs, engine_logprobs = engine_greedy(engine, prompts, new_tokens, top_logprobs=2)
         finally:
             engine.shutdown()
         engine_equal = sum(a == b for a, b in zip(engine_outputs, outputs))
-        # 4.1% on the CPU (README); the engine may part from eager greedy only at a near-tie.
+        gaps = parting_gaps(engine_outputs, engine_logprobs, outputs)
+        # 4.1% on the CPU (README). The engine's steps have other shapes than the eager batch, so
+        # other kernel cuts and summation orders: it may part from eager greedy only where two
+        # tokens' logits lie within a rounding step or two of each other. In bfloat16 such ties
+        # are common: this fixture's logits reach ~40, where bfloat16's values are 0.25 apart.
+        near_tie = 2 * torch.finfo(dtype).eps * float(logits.abs().max())
         report(
             f"int8 CUDA ({str(dtype).removeprefix('torch.')} activations) against float32 on the shared fixture",
-            error < 6e-2 and engine_equal >= len(cases) - 1,
+            error < 6e-2 and all(gap <= near_tie for gap in gaps),
             first_logits_rel_error=error,
             greedy_tokens_equal_reference=f"{agreeing}/{len(cases) * new_tokens}",
             engine_with_graphs_equal_eager=f"{engine_equal}/{len(cases)}",
+            engine_logprob_gaps_where_it_parts=[round(gap, 4) for gap in gaps],
+            near_tie=round(near_tie, 6),
         )
         del int8
 
@@ -620,6 +647,8 @@ def time_int8_kernel(config: OpenELMConfig, device: torch.device, repeats: int) 
 def tune_int8_kernel(config: OpenELMConfig, device: torch.device, repeats: int) -> None:
     """Other cuts of our int8 kernel against its default one, per layer shape and row count:
     the fastest found, its time, the default's and bfloat16's (what to change config_for to)."""
+    from triton.runtime.errors import OutOfResources
+
     from openelm_server.model.int8_triton import KernelConfig, config_for, int8_weight_matmul
 
     generator = torch.Generator(device=device).manual_seed(4)
@@ -636,9 +665,12 @@ def tune_int8_kernel(config: OpenELMConfig, device: torch.device, repeats: int) 
                     for split_k in (1, 2, 4, 8):
                         for num_warps in (4, 8):
                             cut = KernelConfig(default.block_m, block_n, block_k, split_k, num_warps)
-                            timed[cut] = cuda_time(
-                                lambda: int8_weight_matmul(x, layer.weight, layer.scales, cut), repeats
-                            )
+                            try:
+                                timed[cut] = cuda_time(
+                                    lambda: int8_weight_matmul(x, layer.weight, layer.scales, cut), repeats
+                                )
+                            except OutOfResources:  # the cut's tiles need more shared memory than the GPU has
+                                continue
             best = min(timed, key=timed.get)
             plain = cuda_time(lambda: torch.nn.functional.linear(x, bf16_weight), repeats)
             results["timings"].append(
@@ -725,53 +757,55 @@ def main(argv=None) -> int:
     results["torch"] = torch.__version__
     print(f"{results['device']}, torch {torch.__version__}, CUDA {torch.version.cuda}", flush=True)
     started = time.perf_counter()
-    fixtures = Path(args.fixtures)
-    check_reference(fixtures, device)
-    check_speculation(fixtures, device)
-    check_int8(fixtures, device)
-    config = OpenELMConfig.from_dict(published_config(args.size))
-    model, prompts, f32_logits, unfused_error = check_3b_precision(config, device)
-    from bench.bandwidth import measure_bandwidth
+    try:
+        fixtures = Path(args.fixtures)
+        check_reference(fixtures, device)
+        check_speculation(fixtures, device)
+        check_int8(fixtures, device)
+        config = OpenELMConfig.from_dict(published_config(args.size))
+        model, prompts, f32_logits, unfused_error = check_3b_precision(config, device)
+        from bench.bandwidth import measure_bandwidth
 
-    bandwidth = measure_bandwidth(device="cuda")
-    results["bandwidth"] = bandwidth
-    read = max(bandwidth["read"]["best_gb_s"], bandwidth["copy"]["best_gb_s"] / 2)
-    print(
-        f"bandwidth: read {bandwidth['read']['best_gb_s']:.0f}, copy {bandwidth['copy']['best_gb_s']:.0f}, "
-        f"gemv {bandwidth['gemv']['best_gb_s']:.0f} GB/s",
-        flush=True,
-    )
-    batches = [int(b) for b in args.batches.split(",")]
-    if not args.quick:
-        profile_decode(model, 1, args.context)
-        time_steps(model, batches, args.context, args.repeats, read, "bfloat16 unfused")
-    fused = ""
-    if args.compile:
-        started_compile = time.perf_counter()
-        compile_elementwise(model)
+        bandwidth = measure_bandwidth(device="cuda")
+        results["bandwidth"] = bandwidth
+        read = max(bandwidth["read"]["best_gb_s"], bandwidth["copy"]["best_gb_s"] / 2)
         print(
-            f"element-wise kernels fused with torch.compile in {time.perf_counter() - started_compile:.1f} s",
+            f"bandwidth: read {bandwidth['read']['best_gb_s']:.0f}, copy {bandwidth['copy']['best_gb_s']:.0f}, "
+            f"gemv {bandwidth['gemv']['best_gb_s']:.0f} GB/s",
             flush=True,
         )
-        check_fused_against_float32(model, prompts, f32_logits, unfused_error)
-        check_reference(fixtures, device, " (fused)")
+        batches = [int(b) for b in args.batches.split(",")]
         if not args.quick:
             profile_decode(model, 1, args.context)
-        fused = " fused"
-    time_steps(model, batches, args.context, args.repeats, read, "bfloat16" + fused)
-    check_mixed_steps(model, args.repeats, "bfloat16" + fused)
-    tokenizer_dir = fixtures / "llama2-tokenizer"
-    if tokenizer_dir.is_dir():
-        probe_time_to_first_token(model, load_tokenizer(tokenizer_dir))
-    time_int8_kernel(config, device, args.repeats)
-    int8 = quantize_in_place(model)
-    torch.cuda.empty_cache()
-    time_steps(int8, batches, args.context, args.repeats, read, "int8" + fused)
-    if args.tune_int8:
-        tune_int8_kernel(config, device, max(5, args.repeats // 3))
-    results["seconds"] = time.perf_counter() - started
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
+            time_steps(model, batches, args.context, args.repeats, read, "bfloat16 unfused")
+        fused = ""
+        if args.compile:
+            started_compile = time.perf_counter()
+            compile_elementwise(model)
+            print(
+                f"element-wise kernels fused with torch.compile in {time.perf_counter() - started_compile:.1f} s",
+                flush=True,
+            )
+            check_fused_against_float32(model, prompts, f32_logits, unfused_error)
+            check_reference(fixtures, device, " (fused)")
+            if not args.quick:
+                profile_decode(model, 1, args.context)
+            fused = " fused"
+        time_steps(model, batches, args.context, args.repeats, read, "bfloat16" + fused)
+        check_mixed_steps(model, args.repeats, "bfloat16" + fused)
+        tokenizer_dir = fixtures / "llama2-tokenizer"
+        if tokenizer_dir.is_dir():
+            probe_time_to_first_token(model, load_tokenizer(tokenizer_dir))
+        time_int8_kernel(config, device, args.repeats)
+        int8 = quantize_in_place(model)
+        torch.cuda.empty_cache()
+        time_steps(int8, batches, args.context, args.repeats, read, "int8" + fused)
+        if args.tune_int8:
+            tune_int8_kernel(config, device, max(5, args.repeats // 3))
+    finally:  # what ran is kept when a later stage fails or runs out of time
+        results["seconds"] = time.perf_counter() - started
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=2))
     failed = [c["check"] for c in results["checks"] if not c["passed"]]
     print(f"{len(results['checks']) - len(failed)} passed, {len(failed)} failed", flush=True)
     return 1 if failed else 0

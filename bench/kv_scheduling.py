@@ -38,15 +38,34 @@ def random_prompt(rng: random.Random, length: int) -> list[int]:
 
 async def stream_times(client: httpx.AsyncClient, url: str, prompt: list[int], max_tokens: int) -> list[float]:
     """Arrival times of the streamed chunks that carry text."""
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
-    times = []
+    times, _ = await stream_times_and_tokens(client, url, prompt, max_tokens)
+    return times
+
+
+async def stream_times_and_tokens(
+    client: httpx.AsyncClient, url: str, prompt: list[int], max_tokens: int
+) -> tuple[list[float], int]:
+    """Arrival times of the streamed chunks that carry text, and the tokens generated (from the
+    usage chunk: a chunk may carry two tokens, when the first ended in half a character)."""
+    body = {
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    times, tokens = [], 0
     async with client.stream("POST", url + "/v1/completions", json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
-                if json.loads(line[6:])["choices"]:
+                chunk = json.loads(line[6:])
+                if chunk["choices"]:
                     times.append(time.monotonic())
-    return times
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+    return times, tokens
 
 
 async def interference_run(url: str, rng: random.Random) -> dict:
@@ -131,7 +150,9 @@ async def concurrency_run(url: str, rng: random.Random) -> dict:
     poller = asyncio.ensure_future(poll())
     started = time.monotonic()
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as client:
-        results = await asyncio.gather(*(stream_times(client, url, random_prompt(rng, 50), 40) for _ in range(32)))
+        results = await asyncio.gather(
+            *(stream_times_and_tokens(client, url, random_prompt(rng, 50), 40) for _ in range(32))
+        )
     elapsed = time.monotonic() - started
     poller.cancel()
     metrics = httpx.get(url + "/metrics").text
@@ -140,7 +161,7 @@ async def concurrency_run(url: str, rng: random.Random) -> dict:
     ]
     return {
         "requests": 32,
-        "completed": sum(len(r) == 40 for r in results),
+        "completed": sum(tokens == 40 for _, tokens in results),
         "max_requests_running": max(running_seen),
         "elapsed_s": round(elapsed, 2),
         "preemptions": preemptions[0] if preemptions else None,
