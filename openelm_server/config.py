@@ -187,7 +187,7 @@ _OPTIONS: list[tuple[str, str, object, str]] = [
         "MAX_NUM_BATCHED_TOKENS",
         _positive_int,
         "tokens computed per step, decodes plus prompt chunks: a long prompt is read in chunks of what is "
-        "left, so running streams pause at most one step (default: 256 on the CPU, 2048 on CUDA)",
+        "left, so running streams pause at most one step (default: 256 on the CPU, 512 on CUDA)",
     ),
     (
         "--speculative",
