@@ -4,8 +4,8 @@ The weights are held in panels of 16 outputs (for each input in turn, the 16 out
 by side) and multiplied into 6 activation rows at a time from 12 AVX2 accumulators (the classic
 register block), every block of 256 inputs of a panel staying in L1 while all row groups pass over
 it; bfloat16 and int8 weights are widened to float32 as they are read (int8's per-output scales
-applied at the end): the memory traffic of their size, the arithmetic of float32. With one or two
-rows, two panels go together, so that more sums are in flight.
+applied at the end): the memory traffic of their size, the arithmetic of float32. One row takes
+three panels at once, two rows two, so that more sums are in flight.
 
 Why our own: on the 2-core AMD EPYC we develop on, oneDNN (PyTorch's faster float32 path there)
 reads a one-stream decode step's weights at 17-23 GB/s of the 26-33 the memory gives and reaches
@@ -13,7 +13,8 @@ reads a one-stream decode step's weights at 17-23 GB/s of the 26-33 the memory g
 (``aten._weight_int8pack_mm``) reads under 10 GB/s and reaches ~50 GFLOP/s. On OpenELM-270M's
 layers (``python -m bench.cpu_linears``) ours gives, float32: 22-28 GB/s for one row, 84-97
 GFLOP/s for 16, 113-123 for 64; bfloat16: 23-24 GB/s for one row (1.75x float32's speed),
-107-110 GFLOP/s for 16; int8: 16-21 GB/s for one row, 109-126 GFLOP/s for 16.
+107-110 GFLOP/s for 16; int8: 16-21 GB/s for one row with two panels at once, 19-25 with three,
+109-126 GFLOP/s for 16.
 
 Invariants:
 
@@ -40,8 +41,13 @@ namespace openelm_matmul {
 constexpr int64_t PANEL = 16;
 constexpr int64_t DEPTH = 256;    // inputs per block: a float32 panel's block is 16 KB, in L1 for every row group
 constexpr int ROW_BLOCK = 6;      // 6 rows x 2 vectors = 12 accumulators, 2 weight vectors, 1 broadcast
-constexpr int NARROW_ROWS = 2;    // up to this many rows, PANELS_AT_ONCE panels share each row's broadcast:
-constexpr int PANELS_AT_ONCE = 2; // more independent sums in flight where a few rows leave the cores idle
+// Where one or two rows leave the FMA units waiting on few chains of sums, adjacent panels share
+// each row's broadcast: one row takes 3 (6 accumulators, 6 weight vectors: int8 weights read
+// ~20% faster than with 2 on a 2-core EPYC; 4 spill out of the 16 registers), two rows take 2
+// (8 accumulators, 4 weight vectors).
+constexpr int ONE_ROW_PANELS = 3;
+constexpr int TWO_ROW_PANELS = 2;
+inline int64_t panels_at_once(int64_t rows) { return rows == 1 ? ONE_ROW_PANELS : TWO_ROW_PANELS; }
 
 inline void load_weights(const float* w, __m256& lo, __m256& hi) {
   lo = _mm256_loadu_ps(w);
@@ -121,8 +127,8 @@ inline void row_block(int64_t rows, const float* x, int64_t in, const W* panel, 
   }
 }
 
-// All rows times `count` adjacent panels (1 or PANELS_AT_ONCE), block of inputs by block, every row
-// group over a block while it is in L1.
+// All rows times `count` adjacent panels (1 to panels_at_once(rows)), block of inputs by block,
+// every row group over a block while it is in L1.
 template <typename W>
 inline void panels_product(const float* x, int64_t rows, int64_t in, const W* panel, int64_t count,
                            const float* scales, float* y, int64_t ldy) {
@@ -130,8 +136,12 @@ inline void panels_product(const float* x, int64_t rows, int64_t in, const W* pa
     const int64_t k1 = std::min(in, k0 + DEPTH);
     for (int64_t r = 0; r < rows; r += ROW_BLOCK) {
       const int64_t block = std::min<int64_t>(ROW_BLOCK, rows - r);
-      if (count == PANELS_AT_ONCE && block <= NARROW_ROWS) {
-        row_block<W, PANELS_AT_ONCE>(block, x + r * in, in, panel, scales, y + r * ldy, ldy, k0, k1);
+      if (count == ONE_ROW_PANELS && rows == 1) {
+        tile<W, 1, ONE_ROW_PANELS>(x, in, panel, scales, y, ldy, k0, k1);
+        continue;
+      }
+      if (count == TWO_ROW_PANELS && block <= 2) {
+        row_block<W, TWO_ROW_PANELS>(block, x + r * in, in, panel, scales, y + r * ldy, ldy, k0, k1);
         continue;
       }
       for (int64_t p = 0; p < count; ++p)
@@ -158,11 +168,11 @@ at::Tensor matmul(const at::Tensor& x, const at::Tensor& packed, const float* sc
   const float* xp = input.data_ptr<float>();
   const W* wp = packed.data_ptr<W>();
   float* yp = y.data_ptr<float>();
-  const int64_t groups = (full + PANELS_AT_ONCE - 1) / PANELS_AT_ONCE;
+  const int64_t at_once = panels_at_once(rows), groups = (full + at_once - 1) / at_once;
   at::parallel_for(0, groups + (panels > full ? 1 : 0), 1, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
       if (g < groups) {
-        const int64_t p = g * PANELS_AT_ONCE, count = std::min<int64_t>(PANELS_AT_ONCE, full - p);
+        const int64_t p = g * at_once, count = std::min<int64_t>(at_once, full - p);
         panels_product<W>(xp, rows, in, wp + p * in * PANEL, count, scales ? scales + p * PANEL : nullptr,
                           yp + p * PANEL, out);
         continue;

@@ -39,8 +39,9 @@ def product(x, packed, scales, out_features):
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 6, 7, 12, 13, 17])  # narrow steps, row blocks of 6 and every tail
 @pytest.mark.parametrize(
     "out_features, in_features",
-    # one panel, a partial last one, panels in pairs and an odd one out, inputs over blocks of 256 with a tail
-    [(16, 8), (37, 24), (80, 300), (5, 520)],
+    # one panel, a partial last one; panels taken 2 or 3 at a time (one row: 3) with 1 or 2 left
+    # over; inputs over blocks of 256 with a tail
+    [(16, 8), (37, 24), (80, 300), (112, 40), (5, 520)],
 )
 def test_products_equal_float64_to_float32_rounding(weights, rows, out_features, in_features):
     x, weight, scales, exact = operands(weights, rows, out_features, in_features)
