@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 KERNELS = ("own", "onednn", "pytorch")
 
 OWN_NEEDS = (
-    "our float32 linear kernel needs a float32 model on a CPU with AVX2 where it builds (the start-up log says "
-    "why it did not)"
+    "our linear kernel needs the CPU, with AVX2, where it builds (the start-up log says why it did not), and "
+    "a float32 or bfloat16 model"
 )
 ONEDNN_NEEDS = (
     "oneDNN linear layers need the CPU and a float32 model, or a bfloat16 one on a CPU with "
