@@ -43,7 +43,7 @@ constexpr int64_t DEPTH = 256;    // inputs per block: a float32 panel's block i
 constexpr int ROW_BLOCK = 6;      // 6 rows x 2 vectors = 12 accumulators, 2 weight vectors, 1 broadcast
 // Where one or two rows leave the FMA units waiting on few chains of sums, adjacent panels share
 // each row's broadcast: one row takes 3 (6 accumulators, 6 weight vectors: int8 weights read
-// ~20% faster than with 2 on a 2-core EPYC; 4 spill out of the 16 registers), two rows take 2
+// ~20% faster than with 2 on a 2-core EPYC; 4 would need 17 of the 16 registers), two rows take 2
 // (8 accumulators, 4 weight vectors).
 constexpr int ONE_ROW_PANELS = 3;
 constexpr int TWO_ROW_PANELS = 2;
