@@ -13,7 +13,9 @@ order (each weight cold in the caches, as in a step), with each kernel the serve
 * ``onednn``: oneDNN's inner product on weights reordered once (cpu_linear.py);
 * ``pytorch``: ``F.linear`` (MKL's sgemm);
 * ``int8``: ``aten._weight_int8pack_mm`` on int8 weights with bfloat16 activations;
-* ``int8_own``: our AVX2 kernel on int8 weights (cpu_matmul.py), float32 activations, where it builds.
+* ``int8_own``: our AVX2 kernel on int8 weights (cpu_matmul.py), float32 activations, where it builds;
+* ``bf16_own``: our AVX2 kernel on bfloat16 weights, float32 activations (``--dtype bfloat16`` on a
+  CPU without bfloat16 instructions), where it builds.
 
 and reports GB/s of weights read and GFLOP/s, next to this machine's memory read bandwidth and
 its float32 matmul peak (a large square product). Random weights: only shapes matter here.
@@ -88,6 +90,7 @@ def kernels(weights: list[torch.Tensor]) -> dict:
     if cpu_extension.available():
         panels = [(cpu_matmul.pack(w), w.shape[0]) for w in weights]
         int8_panels = [(cpu_matmul.pack(w), s.float(), w.shape[0]) for w, s in int8]
+        bfloat16_panels = [(cpu_matmul.pack(w.to(torch.bfloat16)), w.shape[0]) for w in weights]
 
         def run_own(inputs):
             for packed, out_features in panels:
@@ -97,7 +100,11 @@ def kernels(weights: list[torch.Tensor]) -> dict:
             for packed, scales, out_features in int8_panels:
                 cpu_matmul.int8_matmul(inputs[packed.shape[1]], packed, scales, out_features)
 
-        found = {"own": run_own, **found, "int8_own": run_int8_own}
+        def run_bfloat16_own(inputs):
+            for packed, out_features in bfloat16_panels:
+                cpu_matmul.bfloat16_matmul(inputs[packed.shape[1]], packed, out_features)
+
+        found = {"own": run_own, **found, "int8_own": run_int8_own, "bf16_own": run_bfloat16_own}
     return found
 
 
@@ -148,7 +155,7 @@ def main(argv=None) -> int:
         flush=True,
     )
     for name, run in kernels(weights).items():
-        bytes_per_weight = 1 if name.startswith("int8") else 4
+        bytes_per_weight = {"int8": 1, "bf16": 2}.get(name.split("_")[0], 4)
         for rows in (int(r) for r in args.rows.split(",")):
             inputs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
             seconds = time_pass(run, inputs, args.repeats)

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bench.bandwidth import measure_bandwidth, roofline
 from bench.common import RequestResult, aggregate, build_prompts, load_tokenizer, percentile
 from openelm_server.testing.server import ServerProcess, free_port
@@ -101,10 +103,14 @@ def test_cpu_linears_times_every_kernel_over_the_models_layer_shapes(tmp_path):
     results = json.loads(out.read_text())
     assert results["linear_layers"] == 5 and results["read_gb_s"] > 0 and results["matmul_peak_gflop_s"] > 0
     timings = {(row["kernel"], row["rows"]): row for row in results["timings"]}
-    ours = ("own", "int8_own") if cpu_extension.available() else ()
+    ours = ("own", "int8_own", "bf16_own") if cpu_extension.available() else ()
     kernels = ("onednn", "pytorch", "int8") + ours
     assert set(timings) == {(k, r) for k in kernels for r in (1, 3)}
     assert all(row["ms"] > 0 and row["weights_gb_s"] > 0 for row in timings.values())
+    if ours:  # GB/s counts each kernel's own bytes per weight: int8 1, bfloat16 2, float32 4
+        for kernel, size in (("int8_own", 1), ("bf16_own", 2), ("own", 4)):
+            row = timings[(kernel, 1)]
+            assert row["weights_gb_s"] == pytest.approx(results["parameters"] * size / row["ms"] * 1e-6)
 
 
 def test_make_checkpoint_writes_a_loadable_published_layout(tmp_path):
