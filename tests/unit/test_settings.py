@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 
@@ -66,3 +68,15 @@ def test_draft_settings_that_do_not_go_together_are_refused(argv, message, capsy
     with pytest.raises(SystemExit):
         load_settings(argv, {})
     assert message in capsys.readouterr().err
+
+
+def test_tokens_per_step_default_per_device_as_the_readme_says():
+    """A step holds 256 tokens on the CPU and 512 on CUDA unless --max-num-batched-tokens says
+    otherwise (README's flags table; engine/config.py says why)."""
+    from openelm_server.engine.config import EngineConfig
+
+    assert EngineConfig().resolved_max_num_batched_tokens("cpu") == 256
+    assert EngineConfig().resolved_max_num_batched_tokens("cuda") == 512
+    assert EngineConfig(max_num_batched_tokens=2048).resolved_max_num_batched_tokens("cuda") == 2048
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    assert "| `--max-num-batched-tokens` | `MAX_NUM_BATCHED_TOKENS` | 256 CPU, 512 CUDA |" in readme
