@@ -100,9 +100,9 @@ def greedy(model: OpenELM, prompts: list[list[int]], new_tokens: int) -> tuple[l
 
 def engine_greedy(
     engine: Engine, prompts: list[list[int]], new_tokens: int, top_logprobs: int | None = None
-) -> list[list[int]]:
-    """Submit every prompt at once, so that they prefill and decode as one batch. With
-    ``top_logprobs``, also returns each row's TokenLogprob per token (as a second value)."""
+) -> tuple[list[list[int]], list[list]]:
+    """Submit every prompt at once, so that they prefill and decode as one batch; each row's
+    tokens, and with ``top_logprobs`` its TokenLogprob per token (else empty lists)."""
     outputs = [[] for _ in prompts]
     logprobs = [[] for _ in prompts]
     done = threading.Semaphore(0)
@@ -124,7 +124,7 @@ def engine_greedy(
     for _ in prompts:
         if not done.acquire(timeout=120):
             raise TimeoutError("the engine did not finish the reference prompts in 120 s")
-    return (outputs, logprobs) if top_logprobs else outputs
+    return outputs, logprobs
 
 
 def parting_gaps(ours: list[list[int]], logprobs: list[list], theirs: list[list[int]]) -> list[float]:
@@ -184,7 +184,7 @@ def check_reference(fixtures: Path, device: torch.device, label: str = "") -> No
     engine = Engine(model, tokenizer, EngineConfig(max_batch_size=8, max_model_len=256, cuda_graphs=True))
     engine.start()
     try:
-        engine_outputs = engine_greedy(engine, prompts, new_tokens)
+        engine_outputs, _ = engine_greedy(engine, prompts, new_tokens)
         static_decoder = engine.core.runner.static_decoder
         graphs = len(static_decoder.graphs) if static_decoder else 0
     finally:
@@ -712,7 +712,7 @@ def check_speculation(fixtures: Path, device: torch.device) -> None:
         engine = Engine(model, tokenizer, config, draft=draft)
         engine.start()
         try:
-            outputs = engine_greedy(engine, prompts, new_tokens)
+            outputs, _ = engine_greedy(engine, prompts, new_tokens)
             stats = engine.stats()
         finally:
             engine.shutdown()
