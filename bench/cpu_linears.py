@@ -9,13 +9,15 @@ bandwidth; 16 streams multiply each weight by 16 rows, so theirs should run near
 arithmetic peak. This times, for each row count, one pass over all of the model's linear layers in
 order (each weight cold in the caches, as in a step), with each kernel the server can use:
 
-* ``own``: our float32 AVX2 kernel (cpu_matmul.py) on weights in its panels, where it builds;
 * ``onednn``: oneDNN's inner product on weights reordered once (cpu_linear.py);
 * ``pytorch``: ``F.linear`` (MKL's sgemm);
 * ``int8``: ``aten._weight_int8pack_mm`` on int8 weights with bfloat16 activations;
+* ``own``: our float32 AVX2 kernel (cpu_matmul.py) on weights in its panels, where it builds;
 * ``int8_own``: our AVX2 kernel on int8 weights (cpu_matmul.py), float32 activations, where it builds;
 * ``bf16_own``: our AVX2 kernel on bfloat16 weights, float32 activations (``--dtype bfloat16`` on a
-  CPU without bfloat16 instructions), where it builds.
+  CPU without bfloat16 instructions), where it builds;
+* ``own_avx512``, ``int8_own_avx512``, ``bf16_own_avx512``: the same built for AVX-512, where
+  PyTorch runs with it (the server times both builds at start-up and keeps the faster).
 
 and reports GB/s of weights read and GFLOP/s, next to this machine's memory read bandwidth and
 its float32 matmul peak (a large square product). Random weights: only shapes matter here.
@@ -65,6 +67,9 @@ def matmul_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
     return 2 * size**3 / min(times) / 1e9
 
 
+OWN_SUFFIXES = {"AVX2": "", "AVX-512": "_avx512"}  # our kernels' names per instruction set they are built for
+
+
 def kernels(weights: list[torch.Tensor]) -> dict:
     """Per kernel: a function that runs every layer once, each on the input of its width from
     ``inputs`` ({in_features: [rows, in_features]}), with the weights prepared for it here."""
@@ -91,20 +96,22 @@ def kernels(weights: list[torch.Tensor]) -> dict:
         panels = [(cpu_matmul.pack(w), w.shape[0]) for w in weights]
         int8_panels = [(cpu_matmul.pack(w), s.float(), w.shape[0]) for w, s in int8]
         bfloat16_panels = [(cpu_matmul.pack(w.to(torch.bfloat16)), w.shape[0]) for w in weights]
+        for isa in cpu_extension.matmul_isas():
 
-        def run_own(inputs):
-            for packed, out_features in panels:
-                cpu_matmul.float32_matmul(inputs[packed.shape[1]], packed, out_features)
+            def run_own(inputs, isa=isa):
+                for packed, out_features in panels:
+                    cpu_matmul.float32_matmul(inputs[packed.shape[1]], packed, out_features, isa)
 
-        def run_int8_own(inputs):
-            for packed, scales, out_features in int8_panels:
-                cpu_matmul.int8_matmul(inputs[packed.shape[1]], packed, scales, out_features)
+            def run_int8_own(inputs, isa=isa):
+                for packed, scales, out_features in int8_panels:
+                    cpu_matmul.int8_matmul(inputs[packed.shape[1]], packed, scales, out_features, isa)
 
-        def run_bfloat16_own(inputs):
-            for packed, out_features in bfloat16_panels:
-                cpu_matmul.bfloat16_matmul(inputs[packed.shape[1]], packed, out_features)
+            def run_bfloat16_own(inputs, isa=isa):
+                for packed, out_features in bfloat16_panels:
+                    cpu_matmul.bfloat16_matmul(inputs[packed.shape[1]], packed, out_features, isa)
 
-        found = {"own": run_own, **found, "int8_own": run_int8_own, "bf16_own": run_bfloat16_own}
+            suffix = OWN_SUFFIXES[isa]
+            found |= {f"own{suffix}": run_own, f"int8_own{suffix}": run_int8_own, f"bf16_own{suffix}": run_bfloat16_own}
     return found
 
 

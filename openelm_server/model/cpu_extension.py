@@ -6,12 +6,19 @@ C++ with AVX2 and FMA, registered as operators under ``torch.ops.openelm_cpu``, 
 cached in PyTorch's extensions directory afterwards), only on CPUs that PyTorch itself runs with
 AVX2 or AVX-512. Where that fails (no C++ compiler, no ninja, another architecture), the log says
 why once and the model keeps PyTorch's and oneDNN's kernels.
+
+The matmul is also built for AVX-512 where PyTorch runs with it (``torch.ops.openelm_cpu_avx512``):
+twice the lanes and registers, so a step of many rows can do twice the arithmetic per
+instruction. Whether that is faster depends on the CPU (some run AVX-512 at a lower clock, some
+split it into two halves), so :func:`matmul_isa` times both builds here once and keeps the faster;
+they give the same numbers, bit for bit, so the choice changes speed only.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import statistics
 import time
 
 import torch
@@ -62,6 +69,11 @@ inline __m256 exp_nonpositive(__m256 x) {
 FALLBACK = "the CPU runs PyTorch's and oneDNN's kernels only"
 
 
+MATMUL_TIMING_SHAPE = (2048, 2048)  # outputs x inputs: the size of a 270M-1B layer, larger than L2
+MATMUL_TIMING_ROWS = (1, 16)  # one stream's decode step and a batch's
+MATMUL_TIMING_REPEATS = 5
+
+
 @functools.cache
 def available() -> bool:
     """Whether our kernels run here, built (or loaded) on first call; where not, the log says why, once."""
@@ -71,21 +83,103 @@ def available() -> bool:
         return False
     started = time.perf_counter()
     try:
-        from torch.utils.cpp_extension import load_inline
-
-        load_inline(
+        build(
             "openelm_cpu",
-            cpp_sources=HEADER + cpu_matmul.SOURCE + cpu_attention.SOURCE + cpu_elementwise.SOURCE,
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
+            HEADER
+            + cpu_matmul.SOURCE
+            + cpu_matmul.registration("openelm_cpu")
+            + cpu_attention.SOURCE
+            + cpu_elementwise.SOURCE,
+            ["-mavx2", "-mfma"],
         )
     except Exception as error:  # no compiler, no ninja, a failed build: all mean "not here"
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        log.warning("%s: building ours failed (%s)", FALLBACK, reason[:200])
+        log.warning("%s: building ours failed (%s)", FALLBACK, first_line(error))
         return False
     log.info(
         "our CPU kernels are ready (built or loaded in %.1f s; the first build takes about a minute)",
         time.perf_counter() - started,
     )
     return True
+
+
+@functools.cache
+def matmul_isas() -> tuple[str, ...]:
+    """The instruction sets (keys of cpu_matmul.NAMESPACES) our matmul is built for here: AVX2
+    where :func:`available`, and AVX-512 too where PyTorch runs with it and ours builds for it."""
+    if not available():
+        return ()
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return ("AVX2",)
+    try:
+        build(
+            "openelm_cpu_avx512",
+            HEADER + cpu_matmul.SOURCE + cpu_matmul.registration("openelm_cpu_avx512"),
+            ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma"],
+        )
+    except Exception as error:
+        log.warning("our matmul stays on AVX2: building it for AVX-512 failed (%s)", first_line(error))
+        return ("AVX2",)
+    return ("AVX2", "AVX-512")
+
+
+@functools.cache
+def matmul_isa() -> str:
+    """The one of :func:`matmul_isas` whose build of our matmul runs fastest here, timed once
+    and logged. Needs :func:`available`."""
+    isas = matmul_isas()
+    if len(isas) == 1:
+        return isas[0]
+    timings = {isa: time_matmul(isa) for isa in isas}
+    fastest = min(timings, key=timings.get)
+    log.info(
+        "our matmul timed on this CPU (float32 and int8 weights %s, %s rows): %s; using %s",
+        "x".join(map(str, MATMUL_TIMING_SHAPE)),
+        " and ".join(map(str, MATMUL_TIMING_ROWS)),
+        ", ".join(f"{isa} {ms:.1f} ms" for isa, ms in timings.items()),
+        fastest,
+    )
+    return fastest
+
+
+def time_matmul(isa: str) -> float:
+    """Milliseconds for our matmul built for ``isa`` on MATMUL_TIMING_SHAPE with float32 and int8
+    weights at each of MATMUL_TIMING_ROWS (median of MATMUL_TIMING_REPEATS each)."""
+    out_features, in_features = MATMUL_TIMING_SHAPE
+    weights = {
+        "float32": cpu_matmul.pack(torch.rand(out_features, in_features)),
+        "int8": cpu_matmul.pack(torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8)),
+    }
+    scales = torch.rand(out_features)
+    total = 0.0
+    for rows in MATMUL_TIMING_ROWS:
+        x = torch.rand(rows, in_features)
+        for dtype, packed in weights.items():
+            times = []
+            for _ in range(MATMUL_TIMING_REPEATS + 1):  # the first one warms caches and threads up
+                started = time.perf_counter()
+                if dtype == "int8":
+                    cpu_matmul.int8_matmul(x, packed, scales, out_features, isa)
+                else:
+                    cpu_matmul.float32_matmul(x, packed, out_features, isa)
+                times.append(time.perf_counter() - started)
+            total += statistics.median(times[1:])
+    return total * 1e3
+
+
+def build(name: str, source: str, instruction_flags: list[str]) -> None:
+    """Compile (or load from PyTorch's cache) the extension ``name`` and register its operators."""
+    from torch.utils.cpp_extension import load_inline
+
+    load_inline(
+        name,
+        cpp_sources=source,
+        extra_cflags=["-O3", *instruction_flags, "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,
+    )
+
+
+def first_line(error: Exception) -> str:
+    """An exception's first line, short enough for a log line."""
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:200]

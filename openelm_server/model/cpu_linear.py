@@ -63,23 +63,27 @@ class OneDnnLinear(nn.Module):
 
 class PanelLinear(nn.Module):
     """``y = x @ weight.T`` with our kernel, the weight (float32 or bfloat16) held in its panels of
-    16 outputs; x and y float32."""
+    16 outputs; x and y float32; the kernel built for the instruction set that runs it fastest here."""
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.weight = cpu_matmul.pack(weight.detach())
         self.matmul = cpu_matmul.bfloat16_matmul if weight.dtype == torch.bfloat16 else cpu_matmul.float32_matmul
+        self.isa = cpu_extension.matmul_isa()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.matmul(x, self.weight, self.out_features)
+        return self.matmul(x, self.weight, self.out_features, self.isa)
 
     def plain_weight(self) -> torch.Tensor:
         return cpu_matmul.unpack(self.weight, self.out_features)
 
     def extra_repr(self) -> str:
         weights = str(self.weight.dtype).removeprefix("torch.")
-        return f"in_features={self.in_features}, out_features={self.out_features}, our kernel, {weights} weights"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, our {self.isa} kernel, "
+            f"{weights} weights"
+        )
 
 
 def own_runs(device: torch.device, dtype: torch.dtype) -> bool:

@@ -1,20 +1,25 @@
-"""Our matmul kernels for the CPU's linear layers: float32, bfloat16 or int8 weights, float32 sums, AVX2.
+"""Our matmul kernels for the CPU's linear layers: float32, bfloat16 or int8 weights, float32 sums,
+built for AVX2 and for AVX-512.
 
 The weights are held in panels of 16 outputs (for each input in turn, the 16 outputs' weights side
-by side) and multiplied into 6 activation rows at a time from 12 AVX2 accumulators (the classic
-register block), every block of 256 inputs of a panel staying in L1 while all row groups pass over
-it; bfloat16 and int8 weights are widened to float32 as they are read (int8's per-output scales
-applied at the end): the memory traffic of their size, the arithmetic of float32. One row takes
-three panels at once, two rows two, so that more sums are in flight.
+by side) and multiplied into several activation rows at a time from registers (the classic
+register block): with AVX2, 6 rows x 1 panel in 12 accumulators, every block of 256 inputs of a
+panel staying in L1 while all row groups pass over it; with AVX-512 (32 registers of 16 floats),
+8 rows x 3 panels in 24, over blocks of 128 inputs. bfloat16 and int8 weights are widened to
+float32 as they are read (int8's per-output scales applied at the end): the memory traffic of
+their size, the arithmetic of float32. One or two rows take several panels at once (AVX2: three
+for one row, two for two; AVX-512: four), so that more sums are in flight.
 
 Why our own: on the 2-core AMD EPYC we develop on, oneDNN (PyTorch's faster float32 path there)
 reads a one-stream decode step's weights at 17-23 GB/s of the 26-33 the memory gives and reaches
 60-75 GFLOP/s for 16 rows of a 117-145 peak; PyTorch's int8 weight-only kernel
 (``aten._weight_int8pack_mm``) reads under 10 GB/s and reaches ~50 GFLOP/s. On OpenELM-270M's
-layers (``python -m bench.cpu_linears``) ours gives, float32: 22-28 GB/s for one row, 84-97
+layers (``python -m bench.cpu_linears``) ours gives there, float32: 22-28 GB/s for one row, 84-97
 GFLOP/s for 16, 113-123 for 64; bfloat16: 23-24 GB/s for one row (1.75x float32's speed),
 107-110 GFLOP/s for 16; int8: 16-21 GB/s for one row with two panels at once, 19-25 with three,
-109-126 GFLOP/s for 16.
+109-126 GFLOP/s for 16. On a 2-core Intel Xeon with AVX-512, the AVX-512 build does 225 GFLOP/s
+for 16 rows in float32 where the AVX2 build does 111, 279 against 179 with int8 weights (one
+row: as fast; 270M-sized layers, in L3).
 
 Invariants:
 
@@ -22,45 +27,90 @@ Invariants:
   makes it, float32, bfloat16 or int8, outputs past ``out`` in the last panel zero; ``scales`` (int8)
   float32 [out]. Out: float32 [..., out]: a layer is one call.
 - Every output is summed over its inputs in order, in one float32 accumulator (the lanes of a
-  vector are 16 outputs, never parts of one sum; a block of inputs hands its partial sums to the
+  vector are outputs, never parts of one sum; a block of inputs hands its partial sums to the
   next through memory, exactly), whatever the number of rows or threads: a row's numbers do not
-  depend on its batch, nor on the thread count.
-- Built with our other CPU kernels into one extension (cpu_extension.py); where that cannot be,
-  the layers keep oneDNN's or PyTorch's kernels.
+  depend on its batch, nor on the thread count, nor on the instruction set it was built for.
+- Built for AVX2 with our other CPU kernels into one extension, and for AVX-512 into a second one
+  where PyTorch runs with AVX-512 (cpu_extension.py, which times both once and keeps the faster);
+  where neither can be, the layers keep oneDNN's or PyTorch's kernels.
 """
 
 from __future__ import annotations
 
 import torch
 
-PANEL = 16  # outputs per panel: two AVX2 vectors of float32
+PANEL = 16  # outputs per panel: one AVX-512 vector of float32, or two AVX2 ones
+# The instruction sets our matmul is built for (cpu_extension.py), and their operators' namespaces.
+NAMESPACES = {"AVX2": "openelm_cpu", "AVX-512": "openelm_cpu_avx512"}
 
 SOURCE = r"""
 namespace openelm_matmul {
 
 constexpr int64_t PANEL = 16;
-constexpr int64_t DEPTH = 256;    // inputs per block: a float32 panel's block is 16 KB, in L1 for every row group
-constexpr int ROW_BLOCK = 6;      // 6 rows x 2 vectors = 12 accumulators, 2 weight vectors, 1 broadcast
-// Where one or two rows leave the FMA units waiting on few chains of sums, adjacent panels share
-// each row's broadcast: one row takes 3 (6 accumulators, 6 weight vectors: int8 weights read
-// ~20% faster than with 2 on a 2-core EPYC; 4 would need 17 of the 16 registers), two rows take 2
-// (8 accumulators, 4 weight vectors).
+
+// A panel's 16 float32 sums, and the vector operations on them, for the instructions this build
+// targets: one AVX-512 register or two AVX2 ones. Either way every output has its own lane and
+// its own chain of fused multiply-adds, so both builds give the same numbers, bit for bit.
+#ifdef __AVX512F__
+struct Sums { __m512 v; };
+using Broadcast = __m512;
+inline Sums zero() { return {_mm512_setzero_ps()}; }
+inline Sums load(const float* p) { return {_mm512_loadu_ps(p)}; }
+inline void store(float* p, Sums s) { _mm512_storeu_ps(p, s.v); }
+inline Broadcast broadcast(const float* x) { return _mm512_set1_ps(*x); }
+inline Sums fmadd(Sums w, Broadcast b, Sums acc) { return {_mm512_fmadd_ps(w.v, b, acc.v)}; }
+inline Sums mul(Sums a, Sums b) { return {_mm512_mul_ps(a.v, b.v)}; }
+inline Sums load_weights(const float* w) { return load(w); }
+inline Sums load_weights(const at::BFloat16* w) {  // a bfloat16 is a float's top half
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16))};
+}
+inline Sums load_weights(const int8_t* w) {
+  return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))))};
+}
+// 32 registers: 8 rows x 3 panels = 24 sums, 3 weight vectors and a broadcast (the classic
+// register block); a block of 128 inputs of 3 float32 panels (24 KB) stays in L1 for every row group.
+constexpr int64_t DEPTH = 128;
+constexpr int ROW_BLOCK = 8;
+constexpr int MANY_ROW_PANELS = 3;
+constexpr int ONE_ROW_PANELS = 4;
+constexpr int TWO_ROW_PANELS = 4;
+#else
+struct Sums { __m256 lo, hi; };
+using Broadcast = __m256;
+inline Sums zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+inline Sums load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+inline void store(float* p, Sums s) { _mm256_storeu_ps(p, s.lo); _mm256_storeu_ps(p + 8, s.hi); }
+inline Broadcast broadcast(const float* x) { return _mm256_broadcast_ss(x); }
+inline Sums fmadd(Sums w, Broadcast b, Sums acc) {
+  return {_mm256_fmadd_ps(w.lo, b, acc.lo), _mm256_fmadd_ps(w.hi, b, acc.hi)};
+}
+inline Sums mul(Sums a, Sums b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
+inline Sums load_weights(const float* w) { return load(w); }
+inline Sums load_weights(const at::BFloat16* w) {  // a bfloat16 is a float's top half
+  const __m128i* p = reinterpret_cast<const __m128i*>(w);
+  return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(p)), 16)),
+          _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(p + 1)), 16))};
+}
+inline Sums load_weights(const int8_t* w) {
+  const __m128i* p = reinterpret_cast<const __m128i*>(w);
+  return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p))),
+          _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + 8))))};
+}
+// 16 registers: 6 rows x 1 panel = 12 sums, 2 weight vectors and a broadcast; a float32 panel's
+// block of 256 inputs is 16 KB, in L1 for every row group. Where one or two rows leave the FMA
+// units waiting on few chains of sums, adjacent panels share each row's broadcast: one row takes
+// 3 (6 sums, 6 weight vectors: int8 weights read ~20% faster than with 2 on a 2-core EPYC; 4
+// would need 17 of the 16 registers), two rows take 2 (8 sums, 4 weight vectors).
+constexpr int64_t DEPTH = 256;
+constexpr int ROW_BLOCK = 6;
+constexpr int MANY_ROW_PANELS = 1;
 constexpr int ONE_ROW_PANELS = 3;
 constexpr int TWO_ROW_PANELS = 2;
-inline int64_t panels_at_once(int64_t rows) { return rows == 1 ? ONE_ROW_PANELS : TWO_ROW_PANELS; }
+#endif
 
-inline void load_weights(const float* w, __m256& lo, __m256& hi) {
-  lo = _mm256_loadu_ps(w);
-  hi = _mm256_loadu_ps(w + 8);
-}
-inline void load_weights(const at::BFloat16* w, __m256& lo, __m256& hi) {  // a bfloat16 is a float's top half
-  const __m128i* p = reinterpret_cast<const __m128i*>(w);
-  lo = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(p)), 16));
-  hi = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(p + 1)), 16));
-}
-inline void load_weights(const int8_t* w, __m256& lo, __m256& hi) {
-  lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w))));
-  hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + 8))));
+inline int64_t panels_at_once(int64_t rows) {
+  return rows == 1 ? ONE_ROW_PANELS : rows == 2 ? TWO_ROW_PANELS : MANY_ROW_PANELS;
 }
 
 // R rows x P panels over inputs [k0, k1): y (+)= x . panel, starting from y after the first block;
@@ -68,62 +118,47 @@ inline void load_weights(const int8_t* w, __m256& lo, __m256& hi) {
 template <typename W, int R, int P>
 inline void tile(const float* x, int64_t in, const W* panel, const float* scales, float* y, int64_t ldy,
                  int64_t k0, int64_t k1) {
-  __m256 lo[P][R], hi[P][R];
+  Sums sums[P][R];
   const bool resume = k0 != 0;
 #pragma GCC unroll 8
   for (int p = 0; p < P; ++p)
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      lo[p][r] = resume ? _mm256_loadu_ps(y + r * ldy + p * PANEL) : _mm256_setzero_ps();
-      hi[p][r] = resume ? _mm256_loadu_ps(y + r * ldy + p * PANEL + 8) : _mm256_setzero_ps();
-    }
+    for (int r = 0; r < R; ++r) sums[p][r] = resume ? load(y + r * ldy + p * PANEL) : zero();
   const float* xk = x + k0;
   const W* wk = panel + k0 * PANEL;
   const int64_t panel_size = in * PANEL;
   for (int64_t k = k0; k < k1; ++k, ++xk, wk += PANEL) {
-    __m256 w0[P], w1[P];
+    Sums w[P];
 #pragma GCC unroll 8
-    for (int p = 0; p < P; ++p) load_weights(wk + p * panel_size, w0[p], w1[p]);
+    for (int p = 0; p < P; ++p) w[p] = load_weights(wk + p * panel_size);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const __m256 b = _mm256_broadcast_ss(xk + r * in);
+      const Broadcast b = broadcast(xk + r * in);
 #pragma GCC unroll 8
-      for (int p = 0; p < P; ++p) {
-        lo[p][r] = _mm256_fmadd_ps(w0[p], b, lo[p][r]);
-        hi[p][r] = _mm256_fmadd_ps(w1[p], b, hi[p][r]);
-      }
+      for (int p = 0; p < P; ++p) sums[p][r] = fmadd(w[p], b, sums[p][r]);
     }
   }
   if (scales != nullptr && k1 == in) {
 #pragma GCC unroll 8
     for (int p = 0; p < P; ++p) {
-      const __m256 s0 = _mm256_loadu_ps(scales + p * PANEL), s1 = _mm256_loadu_ps(scales + p * PANEL + 8);
+      const Sums s = load(scales + p * PANEL);
 #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        lo[p][r] = _mm256_mul_ps(lo[p][r], s0);
-        hi[p][r] = _mm256_mul_ps(hi[p][r], s1);
-      }
+      for (int r = 0; r < R; ++r) sums[p][r] = mul(sums[p][r], s);
     }
   }
 #pragma GCC unroll 8
   for (int p = 0; p < P; ++p)
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      _mm256_storeu_ps(y + r * ldy + p * PANEL, lo[p][r]);
-      _mm256_storeu_ps(y + r * ldy + p * PANEL + 8, hi[p][r]);
-    }
+    for (int r = 0; r < R; ++r) store(y + r * ldy + p * PANEL, sums[p][r]);
 }
 
-template <typename W, int P>
-inline void row_block(int64_t rows, const float* x, int64_t in, const W* panel, const float* scales, float* y,
-                      int64_t ldy, int64_t k0, int64_t k1) {
-  switch (rows) {
-    case 6: tile<W, 6, P>(x, in, panel, scales, y, ldy, k0, k1); break;
-    case 5: tile<W, 5, P>(x, in, panel, scales, y, ldy, k0, k1); break;
-    case 4: tile<W, 4, P>(x, in, panel, scales, y, ldy, k0, k1); break;
-    case 3: tile<W, 3, P>(x, in, panel, scales, y, ldy, k0, k1); break;
-    case 2: tile<W, 2, P>(x, in, panel, scales, y, ldy, k0, k1); break;
-    default: tile<W, 1, P>(x, in, panel, scales, y, ldy, k0, k1); break;
+// All `rows` (from 1), ROW_BLOCK at a time, times P panels over inputs [k0, k1).
+template <typename W, int P, int R = ROW_BLOCK>
+inline void row_blocks(int64_t rows, const float* x, int64_t in, const W* panel, const float* scales, float* y,
+                       int64_t ldy, int64_t k0, int64_t k1) {
+  for (; rows >= R; rows -= R, x += R * in, y += R * ldy) tile<W, R, P>(x, in, panel, scales, y, ldy, k0, k1);
+  if constexpr (R > 1) {
+    if (rows > 0) row_blocks<W, P, R - 1>(rows, x, in, panel, scales, y, ldy, k0, k1);
   }
 }
 
@@ -134,19 +169,16 @@ inline void panels_product(const float* x, int64_t rows, int64_t in, const W* pa
                            const float* scales, float* y, int64_t ldy) {
   for (int64_t k0 = 0; k0 < in; k0 += DEPTH) {
     const int64_t k1 = std::min(in, k0 + DEPTH);
-    for (int64_t r = 0; r < rows; r += ROW_BLOCK) {
-      const int64_t block = std::min<int64_t>(ROW_BLOCK, rows - r);
-      if (count == ONE_ROW_PANELS && rows == 1) {
-        tile<W, 1, ONE_ROW_PANELS>(x, in, panel, scales, y, ldy, k0, k1);
-        continue;
-      }
-      if (count == TWO_ROW_PANELS && block <= 2) {
-        row_block<W, TWO_ROW_PANELS>(block, x + r * in, in, panel, scales, y + r * ldy, ldy, k0, k1);
-        continue;
-      }
+    if (count == panels_at_once(rows) && rows == 1) {
+      tile<W, 1, ONE_ROW_PANELS>(x, in, panel, scales, y, ldy, k0, k1);
+    } else if (count == panels_at_once(rows) && rows == 2) {
+      tile<W, 2, TWO_ROW_PANELS>(x, in, panel, scales, y, ldy, k0, k1);
+    } else if (count == panels_at_once(rows)) {
+      row_blocks<W, MANY_ROW_PANELS>(rows, x, in, panel, scales, y, ldy, k0, k1);
+    } else {
       for (int64_t p = 0; p < count; ++p)
-        row_block<W, 1>(block, x + r * in, in, panel + p * in * PANEL, scales ? scales + p * PANEL : nullptr,
-                        y + r * ldy + p * PANEL, ldy, k0, k1);
+        row_blocks<W, 1>(rows, x, in, panel + p * in * PANEL, scales ? scales + p * PANEL : nullptr, y + p * PANEL,
+                         ldy, k0, k1);
     }
   }
 }
@@ -209,16 +241,6 @@ at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& packed, const at::
 }
 }  // namespace openelm_matmul
 
-TORCH_LIBRARY_FRAGMENT(openelm_cpu, m) {
-  m.def("float32_matmul(Tensor x, Tensor packed, int out) -> Tensor");
-  m.def("bfloat16_matmul(Tensor x, Tensor packed, int out) -> Tensor");
-  m.def("int8_matmul(Tensor x, Tensor packed, Tensor scales, int out) -> Tensor");
-}
-TORCH_LIBRARY_IMPL(openelm_cpu, CPU, m) {
-  m.impl("float32_matmul", &openelm_matmul::float32_matmul);
-  m.impl("bfloat16_matmul", &openelm_matmul::bfloat16_matmul);
-  m.impl("int8_matmul", &openelm_matmul::int8_matmul);
-}
 """
 
 
@@ -238,16 +260,35 @@ def unpack(packed: torch.Tensor, out_features: int) -> torch.Tensor:
     return plain.clone(memory_format=torch.contiguous_format)
 
 
-def float32_matmul(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
-    """``x @ weight.T`` for a packed float32 weight (see the invariants above)."""
-    return torch.ops.openelm_cpu.float32_matmul(x, packed, out_features)
+def registration(namespace: str) -> str:
+    """The C++ that registers this file's kernels as operators under ``torch.ops.<namespace>``: one
+    namespace per instruction set they are built for (cpu_extension.py)."""
+    return f"""
+TORCH_LIBRARY_FRAGMENT({namespace}, m) {{
+  m.def("float32_matmul(Tensor x, Tensor packed, int out) -> Tensor");
+  m.def("bfloat16_matmul(Tensor x, Tensor packed, int out) -> Tensor");
+  m.def("int8_matmul(Tensor x, Tensor packed, Tensor scales, int out) -> Tensor");
+}}
+TORCH_LIBRARY_IMPL({namespace}, CPU, m) {{
+  m.impl("float32_matmul", &openelm_matmul::float32_matmul);
+  m.impl("bfloat16_matmul", &openelm_matmul::bfloat16_matmul);
+  m.impl("int8_matmul", &openelm_matmul::int8_matmul);
+}}
+"""
 
 
-def bfloat16_matmul(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+def float32_matmul(x: torch.Tensor, packed: torch.Tensor, out_features: int, isa: str) -> torch.Tensor:
+    """``x @ weight.T`` for a packed float32 weight, with the kernel built for ``isa`` (see the invariants above)."""
+    return getattr(torch.ops, NAMESPACES[isa]).float32_matmul(x, packed, out_features)
+
+
+def bfloat16_matmul(x: torch.Tensor, packed: torch.Tensor, out_features: int, isa: str) -> torch.Tensor:
     """``x @ weight.T`` for a packed bfloat16 weight, in float32 (see the invariants above)."""
-    return torch.ops.openelm_cpu.bfloat16_matmul(x, packed, out_features)
+    return getattr(torch.ops, NAMESPACES[isa]).bfloat16_matmul(x, packed, out_features)
 
 
-def int8_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, out_features: int) -> torch.Tensor:
+def int8_matmul(
+    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, out_features: int, isa: str
+) -> torch.Tensor:
     """``x @ (weight * scales[:, None]).T`` for a packed int8 weight (see the invariants above)."""
-    return torch.ops.openelm_cpu.int8_matmul(x, packed, scales, out_features)
+    return getattr(torch.ops, NAMESPACES[isa]).int8_matmul(x, packed, scales, out_features)

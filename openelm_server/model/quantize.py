@@ -22,7 +22,7 @@ Invariants of :class:`Int8Linear`:
 
 The matmul:
 
-- CPU: our own kernel (cpu_matmul.py: AVX2, float32 products and sums) where it builds, else
+- CPU: our own kernel (cpu_matmul.py: AVX2 or AVX-512, float32 products and sums) where it builds, else
   PyTorch's ``aten._weight_int8pack_mm``; start-up times both on the model and keeps ours unless
   PyTorch's is clearly faster (linear_choice.py); ``cpu_kernel`` says which a layer uses.
   PyTorch's runs in bfloat16: its float32 variant is a plain scalar loop on x86 (5-10x slower
@@ -68,6 +68,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scales)
         self.cpu_kernel = "pytorch"
+        self.isa = None  # our kernel's instruction set (cpu_extension.matmul_isa) while it computes
         if weight.device.type == "cpu" and cpu_extension.available():
             self.use_cpu_kernel("own")  # start-up times both and may switch back
 
@@ -91,6 +92,7 @@ class Int8Linear(nn.Module):
             own = kernel == "own"
             self.weight = cpu_matmul.pack(self.weight) if own else cpu_matmul.unpack(self.weight, self.out_features)
             self.cpu_kernel = kernel
+            self.isa = cpu_extension.matmul_isa() if own else None
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The float weight the layer stands for, rounded to ``dtype`` once (not the scales first)."""
@@ -100,8 +102,8 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cpu_kernel == "own":
             if x.dtype == torch.float32:  # one call: what a one-row decode step needs
-                return cpu_matmul.int8_matmul(x, self.weight, self.scales, self.out_features)
-            return cpu_matmul.int8_matmul(x.float(), self.weight, self.scales, self.out_features).to(x.dtype)
+                return cpu_matmul.int8_matmul(x, self.weight, self.scales, self.out_features, self.isa)
+            return cpu_matmul.int8_matmul(x.float(), self.weight, self.scales, self.out_features, self.isa).to(x.dtype)
         rows = x.reshape(-1, self.in_features)
         if x.is_cuda:
             if rows.shape[0] > CUDA_KERNEL_MAX_ROWS:

@@ -103,7 +103,10 @@ def test_cpu_linears_times_every_kernel_over_the_models_layer_shapes(tmp_path):
     results = json.loads(out.read_text())
     assert results["linear_layers"] == 5 and results["read_gb_s"] > 0 and results["matmul_peak_gflop_s"] > 0
     timings = {(row["kernel"], row["rows"]): row for row in results["timings"]}
-    ours = ("own", "int8_own", "bf16_own") if cpu_extension.available() else ()
+    suffixes = {"AVX2": "", "AVX-512": "_avx512"}
+    ours = tuple(
+        f"{kernel}{suffixes[isa]}" for isa in cpu_extension.matmul_isas() for kernel in ("own", "int8_own", "bf16_own")
+    )
     kernels = ("onednn", "pytorch", "int8") + ours
     assert set(timings) == {(k, r) for k in kernels for r in (1, 3)}
     assert all(row["ms"] > 0 and row["weights_gb_s"] > 0 for row in timings.values())
