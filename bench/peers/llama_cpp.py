@@ -92,31 +92,42 @@ def source_dir(cache: Path) -> Path:
     return llama_cpp
 
 
-def build(cache: Path, jobs: int) -> Path:
-    """``llama-server``, configured and built with CMake unless already there."""
-    server = cache / "build" / "bin" / "llama-server"
+# Compiler flags that keep llama.cpp's AMX kernels out of a native build (GCC lets an explicit
+# -mno-* win over what -march=native implies): on a 2-core Intel Xeon KVM guest whose CPU lists
+# amx_int8, llama-server's q8_0 died at its first tile instruction (SIGILL at `tilezero` in
+# tinygemm_kernel_amx) while oneDNN's AMX kernels ran there.
+NO_AMX_FLAGS = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+
+
+def build(cache: Path, jobs: int, amx: bool = True) -> Path:
+    """``llama-server``, configured and built with CMake unless already there: for this machine's
+    CPU (``GGML_NATIVE``), without the AMX kernels when ``amx`` is false (in its own directory)."""
+    directory = cache / ("build" if amx else "build-no-amx")
+    server = directory / "bin" / "llama-server"
     if server.is_file():
         return server
     source = source_dir(cache)
     log(f"building llama-server from {source} with {jobs} jobs (about 15 minutes on 2 cores)")
+    no_amx = [f"-DCMAKE_C_FLAGS={NO_AMX_FLAGS}", f"-DCMAKE_CXX_FLAGS={NO_AMX_FLAGS}"] if not amx else []
     subprocess.run(
         [
             "cmake",
             "-S",
             str(source),
             "-B",
-            str(cache / "build"),
+            str(directory),
             "-DCMAKE_BUILD_TYPE=Release",
             "-DLLAMA_CURL=OFF",
             "-DLLAMA_BUILD_TESTS=OFF",
             "-DLLAMA_BUILD_EXAMPLES=OFF",
             "-DLLAMA_BUILD_SERVER=ON",
             "-DGGML_NATIVE=ON",
+            *no_amx,
         ],
         check=True,
         stdout=subprocess.DEVNULL,
     )
-    subprocess.run(["cmake", "--build", str(cache / "build"), "--target", "llama-server", "-j", str(jobs)], check=True)
+    subprocess.run(["cmake", "--build", str(directory), "--target", "llama-server", "-j", str(jobs)], check=True)
     return server
 
 
@@ -227,7 +238,7 @@ def check(args: argparse.Namespace) -> int:
         log(f"no {reference_path}: nothing to check against")
         return 2
     cases = json.loads(reference_path.read_text())["cases"]
-    server = build(args.cache, args.jobs)
+    server = build(args.cache, args.jobs, args.amx)
     gguf = convert(args.cache, SHARED_MODEL, Path(args.tokenizer), "f32")
     exact = 0
     with start_llama_server(server, gguf, 1, 512, args.threads, args.cache / "check-server.log") as peer:
@@ -267,7 +278,7 @@ def compare(args: argparse.Namespace) -> int:
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.name or f"{date.today().isoformat()}-llama-cpp-{args.size}"
-    server_binary = build(args.cache, args.jobs)
+    server_binary = build(args.cache, args.jobs, args.amx)
     tokenizer = load_tokenizer(args.tokenizer)
     concurrencies, counts = parse_list(args.concurrency), parse_list(args.num_requests)
     prompts = build_prompts(
@@ -338,6 +349,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("command", choices=("build", "check", "compare"))
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the build and the GGUF files live")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="build jobs")
+    parser.add_argument(
+        "--no-amx",
+        dest="amx",
+        action="store_false",
+        help="build llama.cpp without its AMX kernels (where they crash: a VM that lists AMX but loses tile state)",
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="llama-server threads")
     parser.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER), help="Llama-2 tokenizer directory")
     parser.add_argument("--size", default="270M", choices=("270M", "450M", "1_1B", "3B"))
@@ -361,7 +378,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.command == "build":
-        log(f"llama-server: {build(args.cache, args.jobs)}")
+        log(f"llama-server: {build(args.cache, args.jobs, args.amx)}")
         return 0
     return check(args) if args.command == "check" else compare(args)
 
