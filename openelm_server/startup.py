@@ -120,8 +120,10 @@ def keeps_bfloat16_weights(
     settings: Settings, device: torch.device, dtype: torch.dtype, flags: set[str] | None
 ) -> bool:
     """Whether a bfloat16 model on the CPU runs as bfloat16 weights in our kernel with float32
-    activations (cpu_linear.use_bfloat16_weights): where our kernels build, on a CPU without
-    bfloat16 instructions unless another kernel is forced, or with ``--cpu-linear own``."""
+    activations (cpu_linear.use_bfloat16_weights) without timing it against bfloat16 throughout:
+    where our kernels build, on a CPU without bfloat16 instructions unless another kernel is
+    forced, or with ``--cpu-linear own``. On a CPU with them, start-up times both ways
+    (linear_choice.choose_linear_kernels)."""
     if settings.quantization != "none" or not bfloat16_weights_run(device, dtype):
         return False
     no_bfloat16_instructions = flags is not None and not flags & set(BFLOAT16_CPU_FLAGS)
@@ -303,7 +305,7 @@ def load_served_model(
             settings.cpu_linear,
             f"; the token embedding is held twice, {extra:.0f} MB extra" if extra else "",
         )
-    elif len(kernels_that_run(model)) > 1:
+    elif len(kernels_that_run(model)) > 1 or bfloat16_weights_run(device, dtype):
         choose_linear_kernels(model, role)
     return model
 

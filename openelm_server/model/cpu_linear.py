@@ -12,7 +12,9 @@ for one sequence, 146 to 84 ms for 4 and 159 to 126 ms for 16, and prefill got f
 bfloat16 models use it too where oneDNN has a bfloat16 path on this CPU (AVX512-BF16, AMX or
 AVX-NE-CONVERT; PyTorch refuses it elsewhere): those are the CPUs where bfloat16 matmuls run on
 their own instructions, and timing decides there as for float32. Never for a float32 model:
-bfloat16 is a precision, chosen with ``--dtype``, not a kernel.
+bfloat16 is a precision, chosen with ``--dtype``, not a kernel. A bfloat16 model's weights can
+also go to ours, with float32 for everything else (:func:`use_bfloat16_weights`): without timing
+on CPUs without bfloat16 instructions, by timing against bfloat16 throughout on the others.
 """
 
 from __future__ import annotations
@@ -168,11 +170,36 @@ def use_bfloat16_weights(model: OpenELM) -> None:
         parameter.data = parameter.data.float()
 
 
+def use_bfloat16_throughout(model: OpenELM) -> None:
+    """Undo :func:`use_bfloat16_weights`: plain linear layers with their bfloat16 weights, and
+    every other parameter bfloat16 again (exactly: it was bfloat16 before)."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, PanelLinear):
+                setattr(module, name, _plain_linear(child.plain_weight()))
+    if model.config.share_input_output_layers:
+        model.lm_head = None
+    for parameter in model.parameters():
+        parameter.data = parameter.data.bfloat16()
+
+
+def _plain_linear(weight: torch.Tensor) -> nn.Linear:
+    """An ``nn.Linear`` without bias holding ``weight`` itself (no copy, no initialisation)."""
+    with torch.device("meta"):
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    return linear
+
+
 def embedding_copy_megabytes(model: OpenELM) -> float:
     """What ours and oneDNN's kernels cost in memory: with tied embeddings, the logits' copy of
-    the embedding matrix in their layout (the lookup still needs the plain one)."""
+    the embedding matrix in their layout (the lookup still needs the plain one), in the dtype of
+    the weights they hold (bfloat16 in ours for a bfloat16 model whose rest is float32)."""
+    if not model.config.share_input_output_layers:
+        return 0.0
     embedding = model.transformer.token_embeddings.weight
-    return embedding.numel() * embedding.element_size() / 1e6 if model.config.share_input_output_layers else 0.0
+    held = model.lm_head.weight if isinstance(model.lm_head, PanelLinear) else embedding
+    return embedding.numel() * held.element_size() / 1e6
 
 
 def _release_checkpoint_file(model: OpenELM) -> None:
@@ -192,9 +219,6 @@ def use_plain_linears(model: OpenELM) -> None:
                 weight = child.weight.to_dense() if isinstance(child, OneDnnLinear) else child.plain_weight()
                 # bfloat16 weights of a float32 model (use_bfloat16_weights) become float32 layers
                 weight = weight.to(model.transformer.token_embeddings.weight.dtype)
-                with torch.device("meta"):
-                    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-                linear.weight = nn.Parameter(weight, requires_grad=False)
-                setattr(module, name, linear)
+                setattr(module, name, _plain_linear(weight))
     if model.config.share_input_output_layers:
         model.lm_head = None

@@ -39,7 +39,7 @@ def test_start_up_times_both_kernels_keeps_the_faster_and_logs_both(tmp_path, ca
     assert kept in ("own", "pytorch") and {layer.cpu_kernel for layer in layers} == {kept}
     (line,) = [r.getMessage() for r in caplog.records if "int8 kernels timed" in r.getMessage()]
     assert line.startswith("draft model: int8 kernels timed on this CPU")
-    assert "ours (AVX2, float32)" in line and "PyTorch's (bfloat16)" in line
+    assert f"ours ({cpu_extension.matmul_isa()}, float32)" in line and "PyTorch's (bfloat16)" in line
     assert ("using ours (" if kept == "own" else "using PyTorch's (") in line
 
 

@@ -2,7 +2,8 @@
 the fastest kept (ours unless another is clearly faster), the weights held once whichever wins,
 and the answers the same. bfloat16 models get oneDNN only on CPUs with bfloat16 instructions (the
 bfloat16 tests take the branch this CPU allows: an AVX-512 or AMX machine runs oneDNN's bfloat16
-path, others check the refusal), and never our float32 kernel."""
+path, others check the refusal), and never our float32 kernel; ours holds their bfloat16 weights
+with float32 activations, timed against bfloat16 throughout."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from openelm_server.model import linear_choice
 from openelm_server.model.cpu_linear import (
     OneDnnLinear,
     PanelLinear,
+    bfloat16_weights_run,
     kernels_that_run,
     linear_kernel,
     use_linears,
@@ -81,12 +83,12 @@ def test_the_fastest_kernels_are_kept_and_logged(model, monkeypatch, caplog, tim
     expected = last_logits(model)
     timed = []
 
-    def time_steps(model):
+    def time_requests(model):
         (kernel,) = [name for name, layer in LAYERS.items() if kernels(model) == {layer}]
         timed.append(kernel)
         return timings[kernel]
 
-    monkeypatch.setattr(linear_choice, "time_steps", time_steps)
+    monkeypatch.setattr(linear_choice, "time_requests", time_requests)
     with caplog.at_level(logging.INFO, logger="openelm_server.model.linear_choice"):
         assert choose_linear_kernels(model) == kept
     assert sorted(timed) == sorted(timings)
@@ -98,8 +100,52 @@ def test_the_fastest_kernels_are_kept_and_logged(model, monkeypatch, caplog, tim
     assert torch.allclose(last_logits(model), expected, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "timings, kept",
+    [
+        ({"pytorch": 30.0, "onednn": 20.0, "own": 10.0}, "own"),
+        ({"pytorch": 30.0, "onednn": 9.0, "own": 10.0}, "own"),  # within the margin: ours
+        ({"pytorch": 30.0, "onednn": 5.0, "own": 10.0}, "onednn"),
+        ({"pytorch": 5.0, "onednn": 30.0, "own": 10.0}, "pytorch"),
+    ],
+)
+def test_a_bfloat16_model_is_timed_with_its_weights_in_our_kernel_too(
+    own_model_dir, monkeypatch, caplog, timings, kept
+):
+    # Where the CPU has bfloat16 instructions, start-up times bfloat16 throughout (oneDNN's or
+    # PyTorch's kernels) against bfloat16 weights in ours with float32 activations.
+    model = load_openelm(own_model_dir, dtype=torch.bfloat16)
+    if not bfloat16_weights_run(torch.device("cpu"), torch.bfloat16):
+        pytest.skip("our kernels do not build here")
+    timings = {kernel: ms for kernel, ms in timings.items() if kernel in kernels_that_run(model) or kernel == "own"}
+    if kept not in timings:
+        pytest.skip(f"{kept} does not run bfloat16 here")
+    expected = last_logits(model)
+
+    def time_requests(model):
+        (kernel,) = [name for name, layer in LAYERS.items() if kernels(model) == {layer}]
+        return timings[kernel]
+
+    monkeypatch.setattr(linear_choice, "time_requests", time_requests)
+    with caplog.at_level(logging.INFO, logger="openelm_server.model.linear_choice"):
+        assert choose_linear_kernels(model) == kept
+    assert kernels(model) == {LAYERS[kept]}
+    line = caplog.records[-1].getMessage()
+    assert f"ours (bfloat16 weights; float32 activations and KV cache) {timings['own']:.0f} ms" in line
+    embedding = model.transformer.token_embeddings.weight
+    if kept == "own":
+        assert embedding.dtype == torch.float32 and model.lm_head.weight.dtype == torch.bfloat16
+        assert "using ours (bfloat16 weights; float32 activations and KV cache)" in line
+        assert f"the token embedding twice, {embedding.numel() * 2 / 1e6:.0f} MB extra" in line
+        return
+    # Not ours: bfloat16 throughout again, the checkpoint's weights exactly.
+    assert all(parameter.dtype == torch.bfloat16 for parameter in model.parameters())
+    if kept == "pytorch":
+        assert torch.equal(last_logits(model), expected)
+
+
 def test_the_timing_runs_on_the_real_model(model):
-    assert linear_choice.time_steps(model) > 0
+    assert linear_choice.time_requests(model) > 0
 
 
 def test_without_our_kernel_the_choice_is_between_the_others(own_model_dir, monkeypatch):
